@@ -1,0 +1,191 @@
+"""Torch-free safetensors reading and writing.
+
+The reader memory-maps the file and returns numpy views, so a 24 GB checkpoint costs no RAM until
+a tensor is actually used; bfloat16 comes back as ``ml_dtypes.bfloat16``. Sharded checkpoints
+(``*.safetensors.index.json``) are opened as one mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from vipo_jax.errors import CheckpointError
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """A read-only mapping from tensor name to a memory-mapped numpy array."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint file not found: {self.path}")
+        size = self.path.stat().st_size
+        if size < 8:
+            raise CheckpointError(f"{self.path} is truncated ({size} bytes): not a safetensors file")
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise CheckpointError(
+                    f"{self.path} is truncated or corrupt: header claims {header_len} bytes, "
+                    f"file has {size}"
+                )
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end > size:
+            raise CheckpointError(
+                f"{self.path} is truncated: tensors need {self._data_start + end} bytes, "
+                f"the file has {size}. Re-download it."
+            )
+        for name, e in header.items():
+            if e["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if end else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        e = self._entries[name]
+        dtype = _DTYPES[e["dtype"]]
+        start, stop = e["data_offsets"]
+        if stop == start:
+            return np.zeros(e["shape"], dtype)
+        raw = self._mmap[self._data_start + start : self._data_start + stop]
+        return raw.view(dtype).reshape(e["shape"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ShardedSafetensors(Mapping[str, np.ndarray]):
+    """Several safetensors files behind one mapping (an ``*.index.json`` or an explicit list)."""
+
+    def __init__(self, files: list[SafetensorsFile]):
+        self.files = files
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for k in f:
+                self._where[k] = f
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def open_index(index_path: str | os.PathLike) -> ShardedSafetensors:
+    index_path = Path(index_path)
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"unreadable shard index {index_path}: {e}") from e
+    names = sorted(set(weight_map.values()))
+    files = [SafetensorsFile(index_path.parent / n) for n in names]
+    sharded = ShardedSafetensors(files)
+    missing = sorted(set(weight_map) - set(sharded))
+    if missing:
+        raise CheckpointError(f"{index_path} lists tensors absent from its shards: {missing[:5]}")
+    return sharded
+
+
+def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Mapping[str, np.ndarray]:
+    """Open a ``.safetensors`` file, an ``.index.json``, or a folder holding one of them.
+
+    In a folder, ``stem`` (e.g. ``"diffusion_pytorch_model"``, ``"model"``) picks the file; without
+    it the folder must hold exactly one checkpoint.
+    """
+    path = Path(path)
+    if path.is_file():
+        return open_index(path) if path.name.endswith(".index.json") else SafetensorsFile(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    stems = [stem] if stem else None
+    candidates = []
+    for p in sorted(path.iterdir()):
+        name = p.name
+        if name.endswith(".safetensors.index.json"):
+            s = name[: -len(".safetensors.index.json")]
+        elif name.endswith(".safetensors") and "-of-" not in name:
+            s = name[: -len(".safetensors")]
+        else:
+            continue
+        if stems is None or s in stems:
+            candidates.append(p)
+    if not candidates:
+        want = f"{stem}.safetensors" if stem else "*.safetensors"
+        raise CheckpointError(f"no {want} (or its .index.json) in {path}")
+    index = [p for p in candidates if p.name.endswith(".index.json")]
+    if index:
+        return open_index(index[0])
+    if len(candidates) > 1:
+        raise CheckpointError(f"several checkpoints in {path}: {[p.name for p in candidates]}")
+    return SafetensorsFile(candidates[0])
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (numpy or ml_dtypes arrays) atomically: a crash leaves no half file."""
+    path = Path(path)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        if a.dtype not in _NAMES:
+            raise CheckpointError(f"cannot save tensor {name!r} of dtype {a.dtype}")
+        n = a.nbytes
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+    os.replace(tmp, path)
