@@ -1,0 +1,136 @@
+"""ViPO on FLUX.1.
+
+COMMAND:
+  # the embedded toy world (CPU, minutes):
+  python -m vipo_jax.train --config=configs/flux.py:toy --workdir=runs/toy
+  # plain GRPO (DanceGRPO) baseline in the toy world:
+  python -m vipo_jax.train --config=configs/flux.py:toy --config.psm.enabled=False --workdir=runs/toy_grpo
+  # the paper's FLUX.1-dev recipe (SPEC 1.5) from a local diffusers folder:
+  python -m vipo_jax.train --config=configs/flux.py --config.model.path=/path/to/FLUX.1-dev \
+      --config.data.prompts=prompts.txt --workdir=runs/flux
+
+Arguments after the colon: "toy" (embedded toy world), "" (FLUX.1-dev recipe), "schnell".
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def _common() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 42
+    c.world = "real"  # "real" (weights from disk) or "toy" (the committed toy checkpoints)
+
+    c.model = mlc.ConfigDict()
+    c.model.family = "flux"
+    c.model.path = ""  # a diffusers FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/)
+    c.model.variant = "dev"  # dev (embedded guidance) | schnell
+    c.model.param_dtype = "float32"  # master weights
+    c.model.dtype = "bfloat16"  # compute
+    c.model.remat = "full"
+    c.model.attention = "xla"
+
+    c.sampling = mlc.ConfigDict()
+    c.sampling.height = 512
+    c.sampling.width = 512
+    c.sampling.num_steps = 8
+    c.sampling.shift = 3.0
+    c.sampling.eta = 0.3
+    c.sampling.guidance = 3.5  # embedded guidance (dev); ignored for schnell
+    c.sampling.group_size = 12  # G generations per prompt
+    c.sampling.prompts_per_iter = 8  # prompts per iteration over all devices
+    c.sampling.init_same_noise = True
+    c.sampling.max_text_len = 512
+
+    c.train = mlc.ConfigDict()
+    c.train.iterations = 300
+    c.train.timestep_fraction = 0.6
+    c.train.num_updates = 1  # optimizer updates per iteration (samples split in this many chunks)
+    c.train.micro_batch = 0  # samples per forward in rollout and training (0: all of a chunk)
+    c.train.clip_range = 1e-4
+    c.train.adv_clip_max = 5.0
+    c.train.logprob_reduction = "position_sum"  # position_sum | sample_mean
+    c.train.map_target = "advantage"  # advantage | reward
+    c.train.max_nonfinite = 3  # consecutive skipped updates before the run stops
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-4
+    c.optim.grad_clip = 1.0
+
+    c.psm = mlc.ConfigDict()
+    c.psm.enabled = True
+    c.psm.backbone = ""  # DINOv2 folder (facebook/dinov2-large layout)
+    c.psm.num_components = 3
+    c.psm.sign_rule = "border"  # border | sklearn_u | sklearn_v
+    c.psm.aggregation = "weighted"  # weighted | average | first_pc | uniform
+    c.psm.smooth_sigma = 1.0
+    c.psm.normalize_mean = False
+
+    c.rewards = mlc.ConfigDict()
+    c.rewards.names = "hpsv21"  # comma-separated: hpsv21, pickscore, clip_score, redness, toy_clip
+    c.rewards.coefs = "1.0"
+    c.rewards.hpsv21 = ""  # safetensors made by `python -m vipo_jax.convert hps`
+    c.rewards.pickscore = ""  # HF CLIPModel folder (yuvalkirstain/PickScore_v1)
+    c.rewards.clip_score = ""  # HF CLIPModel folder (openai/clip-vit-large-patch14)
+
+    c.data = mlc.ConfigDict()
+    c.data.prompts = ""  # text (one per line) or JSONL with a "prompt" field
+    c.data.eval_prompts = ""
+    c.data.cache_dir = ""  # where the prompt-embedding cache and ArrayRecord files go
+
+    c.log = mlc.ConfigDict()
+    c.log.every = 1
+    c.log.eval_every = 50
+    c.log.num_eval_prompts = 8
+    c.log.ckpt_every = 20
+    c.log.keep_checkpoints = 2
+    c.log.tensorboard = True
+
+    c.mesh = mlc.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.context = 1
+    c.mesh.tensor = 1
+    return c
+
+
+def _toy(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    c.world = "toy"
+    c.model.path = ""  # empty: the toy checkpoints shipped in vipo_jax/toy/assets
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.sampling.height = 64
+    c.sampling.width = 64
+    c.sampling.num_steps = 8
+    c.sampling.group_size = 8
+    c.sampling.prompts_per_iter = 2
+    c.sampling.max_text_len = 10
+    c.train.iterations = 60
+    c.optim.lr = 1e-4
+    c.rewards.names = "redness"
+    c.rewards.coefs = "1.0"
+    c.log.eval_every = 20
+    c.log.num_eval_prompts = 4
+    c.log.ckpt_every = 20
+    return c
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    c = _common()
+    arg = (arg or "").strip()
+    if arg == "toy":
+        return _toy(c)
+    if arg == "schnell":
+        c.model.variant = "schnell"
+        c.sampling.guidance = 0.0
+        c.sampling.max_text_len = 256
+        return c
+    if arg not in ("", "dev"):
+        raise ValueError(f"configs/flux.py: unknown argument {arg!r}; use toy, dev or schnell")
+    return c

@@ -1,0 +1,224 @@
+"""The ViPO iteration as one jitted function: rollout -> decode -> reward -> PSM -> advantages ->
+policy update (gradient accumulation and several optimizer updates inside the same jit).
+
+Models enter as pure callables over parameter pytrees, so this file knows nothing about Flux or
+Wan: ``velocity_fn(params, x, sigma, cond)`` is the policy, ``decode_fn(frozen, x0)`` gives images
+in [0, 1], ``reward_fns[name](frozen, images, batch)`` gives (B,) rewards, ``feature_fn(frozen,
+images)`` gives the PSM backbone's patch tokens. The policy's log-probabilities in rollout and in
+training go through the same ``transition`` function at the same micro-batch shape, which is what
+makes the importance ratio exactly 1 before the first update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vipo_jax import rl
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    num_steps: int
+    shift: float
+    eta: float
+    group_size: int
+    timestep_fraction: float = 0.6
+    num_updates: int = 1
+    micro_batch: int = 0
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    logprob_reduction: str = "position_sum"
+    map_target: str = "advantage"
+    psm_enabled: bool = True
+    psm_num_components: int = 3
+    psm_sign_rule: str = "border"
+    psm_aggregation: str = "weighted"
+    psm_smooth_sigma: float = 1.0
+    psm_normalize_mean: bool = False
+    rewards: tuple[tuple[str, float], ...] = (("reward", 1.0),)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int((self.num_steps - 1) * self.timestep_fraction)
+
+    def psm_options(self) -> rl.PSMOptions:
+        return rl.PSMOptions(num_components=self.psm_num_components, sign_rule=self.psm_sign_rule,
+                             aggregation=self.psm_aggregation, smooth_sigma=self.psm_smooth_sigma,
+                             normalize_mean=self.psm_normalize_mean)
+
+
+def _chunked(fn: Callable, x_batch: int, mb: int):
+    """Run ``fn(*batched_args)`` in micro-batches of ``mb`` along axis 0 (same shape every call)."""
+    if mb in (0, x_batch):
+        return fn
+
+    def run(*args):
+        n = x_batch // mb
+        split = jax.tree.map(lambda a: a.reshape((n, mb) + a.shape[1:]), args)
+        out = jax.lax.map(lambda a: fn(*a), split)
+        return jax.tree.map(lambda a: a.reshape((x_batch,) + a.shape[2:]), out)
+
+    return run
+
+
+def repeat_groups(tree: Any, group_size: int) -> Any:
+    """Per-prompt arrays (P, ...) -> per-sample arrays (P*G, ...), prompt-major."""
+    return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), tree)
+
+
+def make_transition(velocity_fn: Callable, eta: float):
+    """(params, x, x_next, sigma, sigma_next, cond) -> elementwise log-prob of x -> x_next."""
+
+    def transition(params, x, x_next, sigma, sigma_next, cond):
+        v = velocity_fn(params, x, sigma, cond)
+        mean, std = rl.sde_mean_std(x, v, sigma, sigma_next, eta)
+        return rl.sde_logprob(x_next, mean, std)
+
+    return transition
+
+
+def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
+                    reward_fns: dict[str, Callable], feature_fn: Callable | None,
+                    optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...]):
+    """Build ``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
+
+    ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}``; ``batch`` holds per-prompt
+    conditioning ``batch["cond"]`` (a pytree with leading axis P) and reward inputs.
+    ``latent_shape`` is one sample's latent (H, W, C) (or (T, H, W, C) for video).
+    """
+    G = cfg.group_size
+    S = cfg.num_steps
+    K = cfg.num_train_timesteps
+    sigmas = rl.sigma_schedule(S, cfg.shift)
+    spatial_axes = tuple(range(1, len(latent_shape)))  # positions (without channels)
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        rng, k_noise, k_sde, k_ts = jax.random.split(state["rng"], 4)
+        P = jax.tree.leaves(batch["cond"])[0].shape[0]
+        B = P * G
+        chunk = B // cfg.num_updates
+        mb = cfg.micro_batch or chunk
+        cond = repeat_groups(batch["cond"], G)
+
+        # --- rollout (no gradient), in micro-batches of the training shape --------------------
+        x_init = rl.initial_noise(k_noise, P, G, latent_shape)
+        vel_mb = _chunked(lambda x, s, c: velocity_fn(params, x, s, c), B, mb)
+        ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
+        latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
+        old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
+
+        # --- decode, reward, PSM ---------------------------------------------------------------
+        images = decode_fn(frozen, ro["x0"])
+        rewards = {name: fn(frozen, images, batch) for name, fn in reward_fns.items()}
+        if cfg.psm_enabled and feature_fn is not None:
+            feats = feature_fn(frozen, images)
+            amap = rl.psm_map(feats, latent_shape[-3:-1], cfg.psm_options())
+            if len(latent_shape) == 4:  # video latents: one map per latent frame
+                raise NotImplementedError("video maps come through rl.psm_map_video")
+        else:
+            amap = jnp.ones((B,) + tuple(latent_shape[:-1]), jnp.float32)
+        amap = jax.lax.stop_gradient(amap)
+
+        # --- advantages, per reward; the map enters at the advantage (or at the reward) ---------
+        adv_maps = {}
+        for name, _ in cfg.rewards:
+            r = rewards[name].astype(jnp.float32)
+            if cfg.map_target == "reward":
+                adv_maps[name] = rl.pixel_reward_advantages(r, amap, G, cfg.adv_clip_max)
+            else:
+                a = rl.group_advantages(r, G)
+                adv_maps[name] = rl.pixel_advantages(a, amap, cfg.adv_clip_max)
+
+        # --- which transitions each sample trains -------------------------------------------------
+        ts = rl.sample_train_timesteps(k_ts, B, S, cfg.timestep_fraction)  # (B, K)
+        b_idx = jnp.arange(B)
+        transition = make_transition(velocity_fn, cfg.eta)
+
+        def item_loss(p, k, idx):
+            """Loss of micro-batch ``idx`` (sample indices) at its k-th trained transition."""
+            t = ts[idx, k]
+            x = latents[t, idx]
+            x_next = latents[t + 1, idx]
+            logp_old = old_logp[t, idx]
+            c = jax.tree.map(lambda a: a[idx], cond)
+            logp = transition(p, x, x_next, sigmas[t], sigmas[t + 1], c)
+            total = 0.0
+            for name, coef in cfg.rewards:
+                loss, aux = rl.clipped_policy_loss(
+                    logp, logp_old, adv_maps[name][idx], clip_range=cfg.clip_range,
+                    reduction=cfg.logprob_reduction)
+                total = total + coef * loss
+            return total, aux
+
+        grad_fn = jax.value_and_grad(item_loss, has_aux=True)
+        n_mb = chunk // mb
+
+        def one_update(carry, u):
+            p, opt_state, nonfinite = carry
+            idx_all = u * chunk + jnp.arange(chunk)
+
+            def acc(c, km):
+                g_sum, l_sum, aux_sum = c
+                k, m = km // n_mb, km % n_mb
+                idx = jax.lax.dynamic_slice(idx_all, (m * mb,), (mb,))
+                (loss, aux), g = grad_fn(p, k, idx)
+                g_sum = jax.tree.map(jnp.add, g_sum, g)
+                aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+                return (g_sum, l_sum + loss, aux_sum), None
+
+            zeros = jax.tree.map(jnp.zeros_like, p)
+            aux0 = {"clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "ratio_dev": 0.0}
+            aux0 = jax.tree.map(lambda v: jnp.zeros((), jnp.float32), aux0)
+            (g_sum, l_sum, aux_sum), _ = jax.lax.scan(
+                acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(K * n_mb))
+            n = K * n_mb
+            grads = jax.tree.map(lambda g: g / n, g_sum)
+            gnorm = optax.global_norm(grads)
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(l_sum)
+            updates, new_opt = optimizer.update(grads, opt_state, p)
+            new_p = optax.apply_updates(p, updates)
+            p = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_p, p)
+            opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
+            nonfinite = jnp.where(finite, 0, nonfinite + 1)
+            m = {"loss": l_sum / n, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.float32),
+                 **{k: v / n for k, v in aux_sum.items()}}
+            return (p, opt_state, nonfinite), m
+
+        (params, opt_state, nonfinite), ms = jax.lax.scan(
+            one_update, (params, state["opt_state"], state["nonfinite"]), jnp.arange(cfg.num_updates))
+
+        metrics = {k: jnp.mean(v) for k, v in ms.items()}
+        metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
+        metrics["updates_skipped"] = jnp.sum(ms["skipped"])
+        metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
+        for name, r in rewards.items():
+            metrics[f"reward/{name}"] = jnp.mean(r)
+            metrics[f"reward_std/{name}"] = jnp.std(r)
+        metrics["map/mean"] = jnp.mean(amap)
+        del b_idx
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                     "rng": rng, "nonfinite": nonfinite}
+        return new_state, metrics
+
+    return step
+
+
+def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shift: float):
+    """Deterministic ODE sampling (eta = 0) for evaluation: (params, frozen, cond, noise) -> images."""
+    sigmas = rl.sigma_schedule(num_steps, shift)
+
+    def sample(params, frozen, cond, noise):
+        ro = rl.rollout(lambda x, s, c: velocity_fn(params, x, s, c), noise, cond, sigmas, 0.0,
+                        jax.random.PRNGKey(0), deterministic=True)
+        return decode_fn(frozen, ro["x0"])
+
+    return sample
