@@ -98,7 +98,6 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
     S = cfg.num_steps
     K = cfg.num_train_timesteps
     sigmas = rl.sigma_schedule(S, cfg.shift)
-    spatial_axes = tuple(range(1, len(latent_shape)))  # positions (without channels)
 
     def step(state, frozen, batch):
         params = state["params"]
