@@ -10,6 +10,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
+# transformers, diffusers and open_clip import torchvision when it is installed; its compiled ops
+# do not match the CPU torch wheel we pin, so its fake-op registrations fail at import. The
+# reference models never call those ops: skip that one registration module.
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

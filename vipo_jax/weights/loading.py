@@ -47,7 +47,12 @@ class SourceKeys:
         return np.asarray(self.tensors[key])
 
     def stack(self, keys: Iterable[str], fn: Callable[[np.ndarray], np.ndarray] | None = None):
+        keys = list(keys)
         arrays = [self.take(k) for k in keys]
+        for k, a in zip(keys[1:], arrays[1:]):
+            if a.shape != arrays[0].shape:
+                raise CheckpointError(f"shape mismatch in {self.where}: {k!r} has shape {a.shape} but "
+                                      f"{keys[0]!r} has {arrays[0].shape} (layers must match)")
         if fn is not None:
             arrays = [fn(a) for a in arrays]
         return np.stack(arrays)
