@@ -1,0 +1,1 @@
+"""Text side of the pipelines: tokenizers and the cached prompt embeddings."""
