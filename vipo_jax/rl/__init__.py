@@ -1,0 +1,52 @@
+"""The RL core of ViPO as pure, jittable JAX functions (no model code: models are callables).
+
+``schedule``: sigma grid. ``sde``: the flow SDE step and its Gaussian log-prob. ``rollout``: the
+sampler as one ``lax.scan`` plus the RNG helpers (shared group noise, trained-timestep subsets).
+``advantages``: group-relative advantages. ``psm``: the Perceptual Structuring Module (allocation
+map). ``loss``: the per-position clipped surrogate.
+"""
+
+from vipo_jax.rl.advantages import combine_advantages, group_advantages, pixel_rewards_to_advantages
+from vipo_jax.rl.loss import MAP_TARGETS, clipped_surrogate, pixel_advantages, policy_loss
+from vipo_jax.rl.psm import (
+    AGGREGATIONS,
+    SIGN_RULES,
+    PSMOptions,
+    antialias_resize_matrix,
+    gaussian_filter_matrix,
+    gaussian_smooth_2d,
+    linear_resize_matrix,
+    map_stats,
+    psm_map,
+    psm_map_video,
+    resize_bilinear_antialias,
+)
+from vipo_jax.rl.rollout import (
+    LOGPROB_REDUCTIONS,
+    gather_transitions,
+    initial_noise,
+    num_train_timesteps,
+    reduce_logprob,
+    rollout,
+    sample_train_timesteps,
+    step_logprob,
+)
+from vipo_jax.rl.schedule import sigma_schedule
+from vipo_jax.rl.sde import (
+    ode_step,
+    sde_logprob,
+    sde_mean_std,
+    sde_step,
+    transition_logprob,
+    x0_prediction,
+)
+
+__all__ = [
+    "AGGREGATIONS", "LOGPROB_REDUCTIONS", "MAP_TARGETS", "SIGN_RULES", "PSMOptions",
+    "antialias_resize_matrix", "clipped_surrogate", "combine_advantages", "gather_transitions",
+    "gaussian_filter_matrix", "gaussian_smooth_2d", "group_advantages", "initial_noise",
+    "linear_resize_matrix", "map_stats", "num_train_timesteps", "ode_step", "pixel_advantages",
+    "pixel_rewards_to_advantages", "policy_loss", "psm_map", "psm_map_video", "reduce_logprob",
+    "resize_bilinear_antialias", "rollout", "sample_train_timesteps", "sde_logprob", "sde_mean_std",
+    "sde_step", "sigma_schedule", "step_logprob", "transition_logprob", "x0_prediction",
+]
