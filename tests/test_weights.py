@@ -43,6 +43,8 @@ def test_roundtrip_matches_reference_library(tmp_path):
     for k in t:
         np.testing.assert_array_equal(back[k], t[k])
     assert SafetensorsFile(tmp_path / "ours.safetensors").metadata == {"k": "v"}
+    save_safetensors(tmp_path / "scalar.safetensors", {"s": np.array(2.5, np.float32)})
+    assert SafetensorsFile(tmp_path / "scalar.safetensors")["s"].shape == ()
 
 
 def test_bfloat16_without_torch(tmp_path):

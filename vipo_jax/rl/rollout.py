@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.rl.sde import sde_logprob, sde_step, transition_logprob, x0_prediction
+from vipo_jax.rl.sde import sde_step, transition_logprob, x0_prediction
 
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -80,8 +80,9 @@ def rollout(velocity_fn: VelocityFn, x_init: jax.Array, cond: Any, sigmas: jax.A
         eb = jnp.full((batch,), e, jnp.float32)
         v = jnp.asarray(velocity_fn(x, sb, cond), jnp.float32)
         noise = jax.random.normal(k, x.shape, jnp.float32)
-        x_next, mean, std = sde_step(x, v, sb, snb, eb, noise)
-        lp = reduce_logprob(sde_logprob(x_next, mean, std), logprob_reduction)
+        x_next, _, _ = sde_step(x, v, sb, snb, eb, noise)
+        # Evaluated by the very function the policy update uses (see its barrier note).
+        lp = reduce_logprob(transition_logprob(x, v, x_next, sb, snb, eb), logprob_reduction)
         x0 = x0_prediction(x, v, sb)
         out = (x_next, lp, noise) if return_noise else (x_next, lp)
         return (x_next, x0), out

@@ -88,6 +88,12 @@ def transition_logprob(x: jax.Array, v: jax.Array, x_next: jax.Array, sigma: jax
                        sigma_next: jax.Array | float, eta: jax.Array | float) -> jax.Array:
     """Element-wise log-prob of an observed transition ``x -> x_next`` given the velocity ``v``.
 
-    The one function both the rollout and the policy update use (same ops, same order)."""
+    The one function both the rollout and the policy update use (same ops, same order). Its
+    inputs pass an optimization barrier, so XLA compiles this expression the same way in both
+    places (fused with different neighbours, float contractions differ in the last bits and the
+    on-policy ratio would not be exactly 1)."""
+    x, v, x_next = _f32(x), _f32(v), _f32(x_next)
+    sigma, sigma_next, eta = (jnp.asarray(a, jnp.float32) for a in (sigma, sigma_next, eta))
+    x, v, x_next, sigma, sigma_next, eta = jax.lax.optimization_barrier((x, v, x_next, sigma, sigma_next, eta))
     mean, std = sde_mean_std(x, v, sigma, sigma_next, eta)
     return sde_logprob(x_next, mean, std)

@@ -49,7 +49,7 @@ class StepConfig:
     def num_train_timesteps(self) -> int:
         return int((self.num_steps - 1) * self.timestep_fraction)
 
-    def psm_options(self) -> rl.PSMOptions:
+    def psm_options(self) -> rl.PSMOptions:  # noqa: D102
         return rl.PSMOptions(num_components=self.psm_num_components, sign_rule=self.psm_sign_rule,
                              aggregation=self.psm_aggregation, smooth_sigma=self.psm_smooth_sigma,
                              normalize_mean=self.psm_normalize_mean)
@@ -74,30 +74,23 @@ def repeat_groups(tree: Any, group_size: int) -> Any:
     return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), tree)
 
 
-def make_transition(velocity_fn: Callable, eta: float):
-    """(params, x, x_next, sigma, sigma_next, cond) -> elementwise log-prob of x -> x_next."""
-
-    def transition(params, x, x_next, sigma, sigma_next, cond):
-        v = velocity_fn(params, x, sigma, cond)
-        mean, std = rl.sde_mean_std(x, v, sigma, sigma_next, eta)
-        return rl.sde_logprob(x_next, mean, std)
-
-    return transition
-
-
 def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
                     reward_fns: dict[str, Callable], feature_fn: Callable | None,
                     optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...]):
     """Build ``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
 
     ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}``; ``batch`` holds per-prompt
-    conditioning ``batch["cond"]`` (a pytree with leading axis P) and reward inputs.
+    conditioning ``batch["cond"]`` (a pytree with leading axis P) and per-prompt reward inputs (the
+    reward functions see them repeated per sample).
     ``latent_shape`` is one sample's latent (H, W, C) (or (T, H, W, C) for video).
     """
     G = cfg.group_size
     S = cfg.num_steps
     K = cfg.num_train_timesteps
     sigmas = rl.sigma_schedule(S, cfg.shift)
+    names = tuple(n for n, _ in cfg.rewards)
+    coefs = jnp.asarray([c for _, c in cfg.rewards], jnp.float32)
+    video = len(latent_shape) == 4
 
     def step(state, frozen, batch):
         params = state["params"]
@@ -117,93 +110,88 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
 
         # --- decode, reward, PSM ---------------------------------------------------------------
         images = decode_fn(frozen, ro["x0"])
-        rewards = {name: fn(frozen, images, batch) for name, fn in reward_fns.items()}
+        per_sample = repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G)
+        rewards = {name: fn(frozen, images, per_sample).astype(jnp.float32) for name, fn in reward_fns.items()}
         if cfg.psm_enabled and feature_fn is not None:
             feats = feature_fn(frozen, images)
-            amap = rl.psm_map(feats, latent_shape[-3:-1], cfg.psm_options())
-            if len(latent_shape) == 4:  # video latents: one map per latent frame
-                raise NotImplementedError("video maps come through rl.psm_map_video")
-        else:
-            amap = jnp.ones((B,) + tuple(latent_shape[:-1]), jnp.float32)
-        amap = jax.lax.stop_gradient(amap)
-
-        # --- advantages, per reward; the map enters at the advantage (or at the reward) ---------
-        adv_maps = {}
-        for name, _ in cfg.rewards:
-            r = rewards[name].astype(jnp.float32)
-            if cfg.map_target == "reward":
-                adv_maps[name] = rl.pixel_reward_advantages(r, amap, G, cfg.adv_clip_max)
+            if video:
+                amap = rl.psm_map_video(feats, tuple(latent_shape[:3]), cfg.psm_options())
             else:
-                a = rl.group_advantages(r, G)
-                adv_maps[name] = rl.pixel_advantages(a, amap, cfg.adv_clip_max)
+                amap = rl.psm_map(feats, tuple(latent_shape[:2]), cfg.psm_options())
+        else:
+            amap = None  # plain GRPO: M = 1
+
+        # --- advantages, one per reward (R, B) or (R, B, *positions) -----------------------------
+        if cfg.map_target == "reward":
+            m = amap if amap is not None else jnp.ones((B,) + tuple(latent_shape[:-1]), jnp.float32)
+            adv = jnp.stack([rl.pixel_rewards_to_advantages(rewards[n], m, G) for n in names])
+        else:
+            adv = jnp.stack([rl.group_advantages(rewards[n], G) for n in names])
 
         # --- which transitions each sample trains -------------------------------------------------
         ts = rl.sample_train_timesteps(k_ts, B, S, cfg.timestep_fraction)  # (B, K)
-        b_idx = jnp.arange(B)
-        transition = make_transition(velocity_fn, cfg.eta)
 
         def item_loss(p, k, idx):
-            """Loss of micro-batch ``idx`` (sample indices) at its k-th trained transition."""
+            """Loss of the samples ``idx`` at their k-th trained transition (one (mb,) batch)."""
             t = ts[idx, k]
-            x = latents[t, idx]
-            x_next = latents[t + 1, idx]
-            logp_old = old_logp[t, idx]
             c = jax.tree.map(lambda a: a[idx], cond)
-            logp = transition(p, x, x_next, sigmas[t], sigmas[t + 1], c)
-            total = 0.0
-            for name, coef in cfg.rewards:
-                loss, aux = rl.clipped_policy_loss(
-                    logp, logp_old, adv_maps[name][idx], clip_range=cfg.clip_range,
-                    reduction=cfg.logprob_reduction)
-                total = total + coef * loss
-            return total, aux
+            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(p, x, s, cc), latents[t, idx],
+                                   latents[t + 1, idx], sigmas[t], sigmas[t + 1], cfg.eta, c)
+            loss, m = rl.policy_loss(
+                logp, old_logp[t, idx], adv[:, idx], None if amap is None else amap[idx],
+                logprob_reduction=cfg.logprob_reduction, map_target=cfg.map_target,
+                clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, reward_coefs=coefs)
+            aux = {"clip_fraction": m["clip_fraction"], "approx_kl": m["approx_kl"],
+                   "ratio_mean": m["ratio_mean"], "adv_abs_mean": m["adv_abs_mean"],
+                   "ratio_dev": jnp.maximum(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"])}
+            return loss, aux
 
         grad_fn = jax.value_and_grad(item_loss, has_aux=True)
         n_mb = chunk // mb
+        n_items = K * n_mb
 
         def one_update(carry, u):
             p, opt_state, nonfinite = carry
-            idx_all = u * chunk + jnp.arange(chunk)
 
             def acc(c, km):
-                g_sum, l_sum, aux_sum = c
+                g_sum, l_sum, aux_acc = c
                 k, m = km // n_mb, km % n_mb
-                idx = jax.lax.dynamic_slice(idx_all, (m * mb,), (mb,))
+                idx = u * chunk + m * mb + jnp.arange(mb)
                 (loss, aux), g = grad_fn(p, k, idx)
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
-                aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-                return (g_sum, l_sum + loss, aux_sum), None
+                dev = jnp.maximum(aux_acc["ratio_dev"], aux.pop("ratio_dev"))
+                aux_acc = {**jax.tree.map(jnp.add, {k_: aux_acc[k_] for k_ in aux}, aux), "ratio_dev": dev}
+                return (g_sum, l_sum + loss, aux_acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, p)
-            aux0 = {"clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "ratio_dev": 0.0}
-            aux0 = jax.tree.map(lambda v: jnp.zeros((), jnp.float32), aux0)
-            (g_sum, l_sum, aux_sum), _ = jax.lax.scan(
-                acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(K * n_mb))
-            n = K * n_mb
-            grads = jax.tree.map(lambda g: g / n, g_sum)
+            aux0 = {k_: jnp.zeros((), jnp.float32)
+                    for k_ in ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev")}
+            (g_sum, l_sum, aux_acc), _ = jax.lax.scan(
+                acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(n_items))
+            grads = jax.tree.map(lambda g: g / n_items, g_sum)
             gnorm = optax.global_norm(grads)
             finite = jnp.isfinite(gnorm) & jnp.isfinite(l_sum)
             updates, new_opt = optimizer.update(grads, opt_state, p)
             new_p = optax.apply_updates(p, updates)
-            p = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_p, p)
-            opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            p, opt_state = keep(new_p, p), keep(new_opt, opt_state)
             nonfinite = jnp.where(finite, 0, nonfinite + 1)
-            m = {"loss": l_sum / n, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.float32),
-                 **{k: v / n for k, v in aux_sum.items()}}
+            dev = aux_acc.pop("ratio_dev")
+            m = {"loss": l_sum / n_items, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.float32),
+                 "ratio_dev": dev, **{k_: v / n_items for k_, v in aux_acc.items()}}
             return (p, opt_state, nonfinite), m
 
         (params, opt_state, nonfinite), ms = jax.lax.scan(
             one_update, (params, state["opt_state"], state["nonfinite"]), jnp.arange(cfg.num_updates))
 
-        metrics = {k: jnp.mean(v) for k, v in ms.items()}
+        metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev")}
         metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
         metrics["updates_skipped"] = jnp.sum(ms["skipped"])
         metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
         for name, r in rewards.items():
             metrics[f"reward/{name}"] = jnp.mean(r)
             metrics[f"reward_std/{name}"] = jnp.std(r)
-        metrics["map/mean"] = jnp.mean(amap)
-        del b_idx
+        metrics["map/mean"] = jnp.mean(amap) if amap is not None else jnp.float32(1.0)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": rng, "nonfinite": nonfinite}
         return new_state, metrics

@@ -50,8 +50,13 @@ def read_native_config(folder: str | os.PathLike, kind: str) -> dict:
 def load_native(folder: str | os.PathLike, kind: str, config_cls: type, model_cls: type, *,
                 sharding: ShardingFn | None = None, **overrides: Any) -> nnx.Module:
     raw = read_native_config(folder, kind)
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    cfg = config_cls(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if hasattr(config_cls, "from_dict"):
+        cfg = config_cls.from_dict(raw, **overrides)
+    else:
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        cfg = config_cls(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     tensors = open_checkpoint(folder, stem="model")
-    return load_into(abstract, tensors, where=str(Path(folder) / "model.safetensors"), sharding=sharding)
+    model = load_into(abstract, tensors, where=str(Path(folder) / "model.safetensors"), sharding=sharding)
+    return model

@@ -172,7 +172,8 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot save tensor {name!r} of dtype {a.dtype}")
         n = a.nbytes

@@ -1,0 +1,42 @@
+"""Command line: ``python -m vipo_jax.train --config=configs/flux.py:toy --workdir=runs/toy``.
+
+Dotted overrides: ``--config.optim.lr=1e-5 --config.psm.enabled=False``. Re-running with the same
+``--workdir`` resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vipo_jax.errors import VipoError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, samples, checkpoints)")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
+    workdir = _WORKDIR.value or "runs/default"
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from vipo_jax.training.run import train
+    from vipo_jax.utils.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
+    try:
+        summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value)
+    except VipoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary.pop("state", None)
+    print("summary:", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary.items()})
+    print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, samples/, reward_curve.png, checkpoints/")
+
+
+if __name__ == "__main__":
+    app.run(main)
