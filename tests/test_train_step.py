@@ -68,6 +68,7 @@ def make(cfg_over=None, reward=None):
 
 
 @pytest.mark.parametrize("over", [{}, {"logprob_reduction": "sample_mean"}, {"num_updates": 2, "micro_batch": 2},
+                                  {"init_same_noise": False},
                                   {"psm_enabled": False}, {"map_target": "reward"}])
 def test_ratio_is_exactly_one_before_the_first_update(over):
     step, state, frozen, batch, _ = make(over)
@@ -80,7 +81,7 @@ def test_ratio_is_exactly_one_before_the_first_update(over):
 def test_reward_rises_and_state_advances():
     step, state, frozen, batch, _ = make()
     first = None
-    for i in range(40):
+    for _ in range(40):
         state, m = step(state, frozen, batch)
         first = first if first is not None else float(m["reward/redness"])
     assert int(state["step"]) == 40

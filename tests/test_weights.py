@@ -142,3 +142,35 @@ def test_native_roundtrip_and_missing_config(tmp_path):
         load_native(tmp_path / "tiny", "other", Cfg, Tiny)
     with pytest.raises(CheckpointError, match="config.json not found"):
         load_native(tmp_path, "tiny", Cfg, Tiny)
+
+
+def test_placement_into_shardings_on_several_devices(tmp_path):
+    """load_into puts each leaf straight into its target sharding (4 simulated CPU devices)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    save_safetensors(tmp_path / "w.safetensors", _tensors())
+    code = textwrap.dedent(f"""
+        import jax, numpy as np
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from tests.test_weights import Tiny
+        from vipo_jax.weights.loading import load_into
+        from vipo_jax.weights.safetensors_io import open_checkpoint
+        mesh = jax.make_mesh((4,), ("fsdp",))
+        def shard(name, a):
+            spec = P(*(None,) * (len(a.shape) - 1), "fsdp") if a.shape[-1] % 4 == 0 else P()
+            return NamedSharding(mesh, spec)
+        m = load_into(nnx.eval_shape(lambda: Tiny(rngs=nnx.Rngs(0))), open_checkpoint(r"{tmp_path}/w.safetensors"),
+                      sharding=shard)
+        k = m.a.kernel[...]
+        assert len(k.sharding.device_set) == 4 and k.sharding.spec == P(None, "fsdp"), k.sharding
+        assert m.b.kernel[...].sharding.spec == P()
+        print("ok", k.addressable_shards[0].data.shape)
+    """)
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ok (3, 1)" in out.stdout

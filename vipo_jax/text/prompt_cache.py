@@ -128,13 +128,20 @@ class PromptEncoder:
 
     @classmethod
     def from_flux(cls, root: str | os.PathLike, variant: str = "dev", *, param_dtype: Any = "bfloat16",
-                  dtype: Any = "bfloat16", batch_size: int = 8) -> PromptEncoder:
+                  dtype: Any = "bfloat16", batch_size: int = 8,
+                  max_sequence_length: int | None = None) -> PromptEncoder:
         """The text side of a diffusers FLUX.1 folder: ``text_encoder`` (CLIP), ``text_encoder_2``
-        (T5-XXL), ``tokenizer``, ``tokenizer_2``; T5 length 512 (dev) or 256 (schnell)."""
+        (T5-XXL), ``tokenizer``, ``tokenizer_2``; T5 length ``max_sequence_length`` (FluxPipeline's
+        argument of that name), default 512 (dev) or 256 (schnell)."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"FLUX.1 folder not found: {root}")
         max_len = t5_max_length(variant)
+        if max_sequence_length is not None:
+            if not 1 <= int(max_sequence_length) <= 512:
+                raise DataError(f"max_sequence_length must be in 1..512 (as in FluxPipeline), "
+                                f"got {max_sequence_length}")
+            max_len = int(max_sequence_length)
         from vipo_jax.models.clip import load_clip_text
         from vipo_jax.models.t5 import load_t5_encoder
         from vipo_jax.text.tokenizers import load_flux_tokenizers

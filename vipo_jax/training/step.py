@@ -43,6 +43,7 @@ class StepConfig:
     psm_aggregation: str = "weighted"
     psm_smooth_sigma: float = 1.0
     psm_normalize_mean: bool = False
+    init_same_noise: bool = True
     rewards: tuple[tuple[str, float], ...] = (("reward", 1.0),)
 
     @property
@@ -102,7 +103,10 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         cond = repeat_groups(batch["cond"], G)
 
         # --- rollout (no gradient), in micro-batches of the training shape --------------------
-        x_init = rl.initial_noise(k_noise, P, G, latent_shape)
+        if cfg.init_same_noise:  # all G samples of a prompt start from the same noise
+            x_init = rl.initial_noise(k_noise, P, G, latent_shape)
+        else:
+            x_init = jax.random.normal(k_noise, (B,) + tuple(latent_shape), jnp.float32)
         vel_mb = _chunked(lambda x, s, c: velocity_fn(params, x, s, c), B, mb)
         ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)

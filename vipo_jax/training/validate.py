@@ -58,6 +58,9 @@ def validate(c: mlc.ConfigDict) -> None:
     if s.height % 16 or s.width % 16 or s.height <= 0 or s.width <= 0:
         raise ConfigError(f"resolution {s.height}x{s.width}: height and width must be positive "
                           "multiples of 16 (VAE downsampling x 2x2 latent packing)")
+    if not 1 <= s.max_text_len <= 512:
+        raise ConfigError(f"--config.sampling.max_text_len={s.max_text_len}: the T5 prompt length must be "
+                          "in 1..512 (FLUX.1: 512 for dev, 256 for schnell)")
     if s.num_steps < 2:
         raise ConfigError(f"--config.sampling.num_steps={s.num_steps} must be >= 2 (the last step is never trained)")
     if s.shift <= 0:

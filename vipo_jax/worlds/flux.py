@@ -35,7 +35,8 @@ def step_config(c: mlc.ConfigDict) -> StepConfig:
         clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, logprob_reduction=t.logprob_reduction,
         map_target=t.map_target, psm_enabled=bool(p.enabled), psm_num_components=p.num_components,
         psm_sign_rule=p.sign_rule, psm_aggregation=p.aggregation, psm_smooth_sigma=p.smooth_sigma,
-        psm_normalize_mean=bool(p.normalize_mean), rewards=tuple(reward_spec(c)))
+        psm_normalize_mean=bool(p.normalize_mean), rewards=tuple(reward_spec(c)),
+        init_same_noise=bool(s.init_same_noise))
 
 
 class _Loader:
@@ -217,13 +218,15 @@ def check_real_paths(c: mlc.ConfigDict) -> Path:
     return root
 
 
-def _real_rewards(c: mlc.ConfigDict, root: Path, prompts: list[str]) -> tuple[dict, dict, dict, dict]:
+def _real_rewards(c: mlc.ConfigDict, root: Path, prompts: list[str],
+                  eval_prompts: list[str]) -> tuple[dict, dict, dict, dict, dict]:
     from vipo_jax.models.clip import load_clip
     from vipo_jax.rewards.clip_scores import clip_score, hps_v21_score, pickscore
     from vipo_jax.text.tokenizers import load_tokenizer, tokenize
 
     tok = load_tokenizer(root / "tokenizer")
     ids, _ = tokenize(tok, prompts, 77)
+    eval_ids, _ = tokenize(tok, eval_prompts, 77)
     graphdefs, frozen, fns = {}, {}, {}
     kinds = {"hpsv21": hps_v21_score, "pickscore": pickscore, "clip_score": clip_score}
     for name, _ in reward_spec(c):
@@ -239,7 +242,7 @@ def _real_rewards(c: mlc.ConfigDict, root: Path, prompts: list[str]) -> tuple[di
             return score(nnx.merge(graphdefs[name], frozen_[f"reward_{name}"]), images, batch["reward_ids"])
 
         fns[name] = fn
-    return fns, graphdefs, frozen, {"reward_ids": ids}
+    return fns, graphdefs, frozen, {"reward_ids": ids}, {"reward_ids": eval_ids}
 
 
 def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
@@ -253,13 +256,14 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
     prompts = load_prompts(c.data.prompts, c.data.cache_dir or None).prompts()
     eval_prompts = (load_prompts(c.data.eval_prompts, c.data.cache_dir or None).prompts()
                     if c.data.eval_prompts else prompts[: c.log.num_eval_prompts])[: c.log.num_eval_prompts]
-    tag = f"flux-{c.model.variant}-{c.sampling.max_text_len}"
+    tag = f"flux-{c.model.variant}-{c.sampling.max_text_len}-{c.model.dtype}"
     cache, eval_cache_path = cache_path_for(c.data.prompts, tag), cache_path_for(c.data.prompts, tag + "-eval")
     try:
         embeds = load_cache(cache, prompts)
         eval_embeds = load_cache(eval_cache_path, eval_prompts)
     except DataError:
-        encoder = PromptEncoder.from_flux(root, c.model.variant, dtype=c.model.dtype, param_dtype=c.model.dtype)
+        encoder = PromptEncoder.from_flux(root, c.model.variant, dtype=c.model.dtype, param_dtype=c.model.dtype,
+                                          max_sequence_length=c.sampling.max_text_len)
         embeds = build_cache(prompts, encoder, cache)
         eval_embeds = build_cache(eval_prompts, encoder, eval_cache_path)
         del encoder
@@ -271,8 +275,7 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
     graphdefs["vae"], frozen["vae"] = nnx.split(vae)
     if c.psm.enabled:
         graphdefs["dinov2"], frozen["dinov2"] = nnx.split(load_dinov2(c.psm.backbone, dtype=c.model.dtype))
-    reward_fns, rg, rf, reward_inputs = _real_rewards(c, root, prompts)
-    _, _, _, eval_inputs = _real_rewards(c, root, eval_prompts)
+    reward_fns, rg, rf, reward_inputs, eval_inputs = _real_rewards(c, root, prompts, eval_prompts)
     graphdefs.update(rg)
     frozen.update(rf)
     f = vae.cfg.downsample_factor

@@ -1,0 +1,200 @@
+"""End to end in the real world (``world="real"``) on a tiny FLUX.1 pipeline folder written by the
+reference libraries in the real on-disk layout (diffusers FluxPipeline.save_pretrained: transformer/,
+vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, model_index.json; bf16
+weights as FLUX.1-dev ships them), a transformers DINOv2 folder as the PSM backbone and a
+transformers CLIPModel folder as the PickScore reward: train, the prompt-embedding cache, resume,
+and the data / checkpoint errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from configs import flux
+from vipo_jax.errors import CheckpointError, DataError
+from vipo_jax.toy.tokenizer import build_toy_tokenizers, clip_vocab, t5_vocab
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+
+PROMPTS = ["a red 3 on a blue background", "a green 7 on a white background", "a blue 1 on a black background",
+           "a yellow 5 on a gray background", "a cyan 0 on a magenta background", "a white 8 on a red background"]
+T5_DIM, CLIP_DIM = 32, 24
+
+
+def _clip_text_config() -> dict:
+    """A tiny CLIP text tower over the toy CLIP tokenizer's vocabulary (bos / eos / pad ids as
+    FLUX's tokenizer/: padding with eos, eos the highest id), 77 positions like CLIP-L."""
+    v = clip_vocab()
+    return dict(vocab_size=len(v), hidden_size=CLIP_DIM, intermediate_size=40, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=v["<|startoftext|>"],
+                eos_token_id=v["<|endoftext|>"], pad_token_id=v["<|endoftext|>"], projection_dim=16)
+
+
+def _write_pipeline(torch, root: Path) -> None:
+    import diffusers
+    import transformers as tf
+
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_DIM, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
+        norm_num_groups=4, latent_channels=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+    text_encoder = tf.CLIPTextModel(tf.CLIPTextConfig(**_clip_text_config()))
+    text_encoder_2 = tf.T5EncoderModel(tf.T5Config(
+        vocab_size=len(t5_vocab()) + 7, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    clip_tok, t5_tok = build_toy_tokenizers(root / "_tok")
+    tokenizer, tokenizer_2 = tf.AutoTokenizer.from_pretrained(clip_tok), tf.AutoTokenizer.from_pretrained(t5_tok)
+    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.to(torch.bfloat16)  # FLUX.1-dev ships bf16 weights
+    pipe.save_pretrained(root, safe_serialization=True)
+    shutil.rmtree(root / "_tok")
+    build_toy_tokenizers(root)  # the loadable-offline versions (tokenizer_config class name fixed)
+
+
+def _write_dinov2(torch, folder: Path) -> None:
+    import transformers as tf
+
+    torch.manual_seed(1)
+    tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   image_size=56, patch_size=14)).save_pretrained(folder)
+
+
+def _write_pickscore(torch, folder: Path) -> None:
+    import transformers as tf
+
+    torch.manual_seed(2)
+    text = {**_clip_text_config(), "hidden_size": 32, "intermediate_size": 37}
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def assets(torch, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("real_world")
+    root = base / "FLUX.1-tiny"
+    _write_pipeline(torch, root)
+    _write_dinov2(torch, base / "dinov2")
+    _write_pickscore(torch, base / "pickscore")
+    return {"base": base, "root": root, "dinov2": base / "dinov2", "pickscore": base / "pickscore"}
+
+
+def tiny_config(assets: dict, prompts: Path, iterations: int, root: Path | None = None):
+    c = flux.get_config("")  # the FLUX.1-dev recipe, made tiny
+    c.world = "real"
+    c.model.path = str(root or assets["root"])
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.sampling.height = c.sampling.width = 64  # 8x8 latent, 4x4 tokens
+    c.sampling.num_steps = 4
+    c.sampling.group_size = 2
+    c.sampling.prompts_per_iter = 2
+    c.sampling.max_text_len = 8
+    c.rewards.names = "pickscore"
+    c.rewards.coefs = "1.0"
+    c.rewards.pickscore = str(assets["pickscore"])
+    c.psm.backbone = str(assets["dinov2"])
+    c.data.prompts = str(prompts)
+    c.data.cache_dir = str(prompts.parent / "tfds")
+    c.train.iterations = iterations
+    c.log.eval_every = 2
+    c.log.num_eval_prompts = 2
+    c.log.tensorboard = False
+    return c
+
+
+def _prompts_file(folder: Path, prompts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "prompts.txt"
+    path.write_text("".join(p + "\n" for p in prompts))
+    return path
+
+
+def _train_records(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_train_cache_and_resume(assets, tmp_path, monkeypatch, capsys):
+    from vipo_jax.text.prompt_cache import PromptEncoder, load_cache
+    from vipo_jax.training.run import train
+
+    prompts = _prompts_file(tmp_path / "data", PROMPTS)
+    out = train(tiny_config(assets, prompts, 2), tmp_path / "run", progress=False)
+    assert out["iterations"] == 2
+    recs = _train_records(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert r["loss"] is not None and math.isfinite(r["loss"]), r
+        assert r["ratio_dev_first_update"] == 0.0, r  # on-policy: importance ratio exactly 1
+        assert r["updates_skipped"] == 0.0, r
+        assert math.isfinite(r["reward/pickscore"]), r
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "eval/pickscore" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert (tmp_path / "run" / "samples" / "eval_000002.png").is_file()
+
+    cache = prompts.with_name("prompts.flux-dev-8-float32.embeds.safetensors")
+    assert cache.is_file() and prompts.with_name("prompts.flux-dev-8-float32-eval.embeds.safetensors").is_file()
+    emb = load_cache(cache, PROMPTS)
+    assert emb.t5.shape[:2] == (len(PROMPTS), 8) and emb.t5.shape[2] == T5_DIM
+    assert emb.pooled.shape == (len(PROMPTS), CLIP_DIM)
+
+    # resume to 3 iterations: from the checkpoint, with the cached embeddings (no text encoder)
+    mtime = cache.stat().st_mtime_ns
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the prompt cache should have been reused")
+
+    monkeypatch.setattr(PromptEncoder, "from_flux", classmethod(no_encoder))
+    out = train(tiny_config(assets, prompts, 3), tmp_path / "run", progress=False)
+    assert out["iterations"] == 3
+    assert "at iteration 2" in capsys.readouterr().out  # resumed, not restarted
+    assert [r["step"] for r in _train_records(tmp_path / "run")] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in _train_records(tmp_path / "run"))
+    assert cache.stat().st_mtime_ns == mtime
+
+
+def test_empty_prompts_file_is_a_data_error(assets, tmp_path):
+    from vipo_jax.training.run import train
+
+    prompts = _prompts_file(tmp_path, ["", "   "])
+    with pytest.raises(DataError, match="empty"):
+        train(tiny_config(assets, prompts, 1), tmp_path / "run", progress=False)
+
+
+def test_truncated_transformer_is_a_checkpoint_error(assets, tmp_path):
+    from vipo_jax.training.run import train
+
+    root = tmp_path / "FLUX.1-tiny"
+    shutil.copytree(assets["root"], root)
+    weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    prompts = _prompts_file(tmp_path / "data", PROMPTS[:2])
+    with pytest.raises(CheckpointError, match=r"transformer/diffusion_pytorch_model\.safetensors is truncated"):
+        train(tiny_config(assets, prompts, 1, root=root), tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("length", [0, 513])
+def test_max_text_len_out_of_range_is_a_config_error(length):
+    from vipo_jax.errors import ConfigError
+    from vipo_jax.training.validate import validate
+
+    c = flux.get_config("")
+    c.sampling.max_text_len = length
+    with pytest.raises(ConfigError, match="max_text_len"):
+        validate(c)
