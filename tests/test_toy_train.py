@@ -58,6 +58,7 @@ def test_resume_is_bit_exact(tmp_path, world):
     recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(r["ratio_dev_first_update"] == 0.0 for r in recs)  # on-policy ratio exactly 1
+    assert all(r["logp/rollout_gap"] < 1e-3 for r in recs)  # rollout log-probs match training's
     assert (tmp_path / "b" / "reward_curve.png").is_file()
 
 

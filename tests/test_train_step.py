@@ -74,6 +74,8 @@ def test_ratio_is_exactly_one_before_the_first_update(over):
     step, state, frozen, batch, _ = make(over)
     state, m = step(state, frozen, batch)
     assert float(m["ratio_dev_first_update"]) == 0.0
+    # the rollout's own log-probs agree with the training recomputation (used by later updates)
+    assert float(m["logp/rollout_gap"]) < 1e-4
     assert float(m["updates_skipped"]) == 0.0
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
 

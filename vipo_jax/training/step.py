@@ -5,8 +5,10 @@ Models enter as pure callables over parameter pytrees, so this file knows nothin
 Wan: ``velocity_fn(params, x, sigma, cond)`` is the policy, ``decode_fn(frozen, x0)`` gives images
 in [0, 1], ``reward_fns[name](frozen, images, batch)`` gives (B,) rewards, ``feature_fn(frozen,
 images)`` gives the PSM backbone's patch tokens. The policy's log-probabilities in rollout and in
-training go through the same ``transition`` function at the same micro-batch shape, which is what
-makes the importance ratio exactly 1 before the first update.
+training go through the same function (``rl.sde.transition_logprob``) at the same micro-batch
+shape; the first update takes its old log-probs from its own pass (the parameters are the
+rollout's), so the importance ratio is exactly 1 there by construction, and the float32 gap to the
+rollout's values is logged (``logp/rollout_gap``).
 """
 
 from __future__ import annotations
@@ -135,19 +137,26 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         # --- which transitions each sample trains -------------------------------------------------
         ts = rl.sample_train_timesteps(k_ts, B, S, cfg.timestep_fraction)  # (B, K)
 
-        def item_loss(p, k, idx):
+        def item_loss(p, k, idx, first_update):
             """Loss of the samples ``idx`` at their k-th trained transition (one (mb,) batch)."""
             t = ts[idx, k]
             c = jax.tree.map(lambda a: a[idx], cond)
             logp = rl.step_logprob(lambda x, s, cc: velocity_fn(p, x, s, cc), latents[t, idx],
                                    latents[t + 1, idx], sigmas[t], sigmas[t + 1], cfg.eta, c)
+            # Before the first update the parameters are the rollout's, so the old log-prob is this
+            # very value: the ratio is exactly 1 by construction. Later updates use the rollout's
+            # log-probs; their float32 agreement with the recomputation is logged as rollout_gap.
+            rollout_lp = old_logp[t, idx]
+            gap = jnp.max(jnp.abs(rl.reduce_logprob(rollout_lp, cfg.logprob_reduction)
+                                  - rl.reduce_logprob(jax.lax.stop_gradient(logp), cfg.logprob_reduction)))
+            logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), rollout_lp)
             loss, m = rl.policy_loss(
-                logp, old_logp[t, idx], adv[:, idx], None if amap is None else amap[idx],
+                logp, logp_old, adv[:, idx], None if amap is None else amap[idx],
                 logprob_reduction=cfg.logprob_reduction, map_target=cfg.map_target,
                 clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, reward_coefs=coefs)
             aux = {"clip_fraction": m["clip_fraction"], "approx_kl": m["approx_kl"],
                    "ratio_mean": m["ratio_mean"], "adv_abs_mean": m["adv_abs_mean"],
-                   "ratio_dev": jnp.maximum(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"])}
+                   "ratio_dev": jnp.maximum(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"]), "rollout_gap": gap}
             return loss, aux
 
         grad_fn = jax.value_and_grad(item_loss, has_aux=True)
@@ -161,15 +170,15 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
                 g_sum, l_sum, aux_acc = c
                 k, m = km // n_mb, km % n_mb
                 idx = u * chunk + m * mb + jnp.arange(mb)
-                (loss, aux), g = grad_fn(p, k, idx)
+                (loss, aux), g = grad_fn(p, k, idx, u == 0)
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
-                dev = jnp.maximum(aux_acc["ratio_dev"], aux.pop("ratio_dev"))
-                aux_acc = {**jax.tree.map(jnp.add, {k_: aux_acc[k_] for k_ in aux}, aux), "ratio_dev": dev}
+                maxed = {k_: jnp.maximum(aux_acc[k_], aux.pop(k_)) for k_ in ("ratio_dev", "rollout_gap")}
+                aux_acc = {**jax.tree.map(jnp.add, {k_: aux_acc[k_] for k_ in aux}, aux), **maxed}
                 return (g_sum, l_sum + loss, aux_acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, p)
             aux0 = {k_: jnp.zeros((), jnp.float32)
-                    for k_ in ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev")}
+                    for k_ in ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev", "rollout_gap")}
             (g_sum, l_sum, aux_acc), _ = jax.lax.scan(
                 acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(n_items))
             grads = jax.tree.map(lambda g: g / n_items, g_sum)
@@ -180,15 +189,16 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             p, opt_state = keep(new_p, p), keep(new_opt, opt_state)
             nonfinite = jnp.where(finite, 0, nonfinite + 1)
-            dev = aux_acc.pop("ratio_dev")
+            dev, gap = aux_acc.pop("ratio_dev"), aux_acc.pop("rollout_gap")
             m = {"loss": l_sum / n_items, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.float32),
-                 "ratio_dev": dev, **{k_: v / n_items for k_, v in aux_acc.items()}}
+                 "ratio_dev": dev, "rollout_gap": gap, **{k_: v / n_items for k_, v in aux_acc.items()}}
             return (p, opt_state, nonfinite), m
 
         (params, opt_state, nonfinite), ms = jax.lax.scan(
             one_update, (params, state["opt_state"], state["nonfinite"]), jnp.arange(cfg.num_updates))
 
-        metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev")}
+        metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev", "rollout_gap")}
+        metrics["logp/rollout_gap"] = jnp.max(ms["rollout_gap"])
         metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
         metrics["updates_skipped"] = jnp.sum(ms["skipped"])
         metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
