@@ -109,14 +109,14 @@ def _toy(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.sampling.width = 64
     c.sampling.num_steps = 8
     c.sampling.group_size = 8
-    c.sampling.prompts_per_iter = 2
+    c.sampling.prompts_per_iter = 4
     c.sampling.max_text_len = 10
-    c.train.iterations = 60
-    c.optim.lr = 1e-4
+    c.train.iterations = 100
+    c.optim.lr = 5e-5
     c.rewards.names = "redness"
     c.rewards.coefs = "1.0"
-    c.log.eval_every = 20
-    c.log.num_eval_prompts = 4
+    c.log.eval_every = 25
+    c.log.num_eval_prompts = 8
     c.log.ckpt_every = 20
     return c
 

@@ -149,6 +149,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             rollout_lp = old_logp[t, idx]
             gap = jnp.max(jnp.abs(rl.reduce_logprob(rollout_lp, cfg.logprob_reduction)
                                   - rl.reduce_logprob(jax.lax.stop_gradient(logp), cfg.logprob_reduction)))
+            gap = jnp.where(first_update, gap, 0.0)  # later updates differ by the policy change itself
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), rollout_lp)
             loss, m = rl.policy_loss(
                 logp, logp_old, adv[:, idx], None if amap is None else amap[idx],
