@@ -295,7 +295,8 @@ def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
 
     def loss_fn(m, x0, cap, k):
         k1, k2, k3 = jax.random.split(k, 3)
-        sigma = jax.nn.sigmoid(jax.random.normal(k1, (x0.shape[0],)))  # logit-normal noise levels
+        u = jax.nn.sigmoid(jax.random.normal(k1, (x0.shape[0],)))
+        sigma = 3.0 * u / (1 + 2.0 * u)  # logit-normal, shifted like the sampling schedule (shift 3)
         eps = jax.random.normal(k2, x0.shape)
         xs = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
         guidance = jax.random.uniform(k3, (x0.shape[0],), minval=1.0, maxval=5.0)
