@@ -111,7 +111,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def test_embedded_default_run(tmp_path):
     """The README's first command: `python -m vipo_jax.train --config=configs/flux.py:toy` with its
     defaults. The reward of the last 10% of iterations must be clearly above the first 10%."""
-    out = subprocess.run(_cli(tmp_path / "toy")[:4] + ["--no_progress"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run(_cli(tmp_path / "toy")[:5] + ["--no_progress"], cwd=ROOT, capture_output=True, text=True,
                          timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     s = json.loads((tmp_path / "toy" / "summary.json").read_text())

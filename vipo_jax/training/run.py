@@ -73,7 +73,8 @@ def train(c: mlc.ConfigDict, workdir: str | Path, world: Any = None, *, progress
     world = world or build_world(c)
     optimizer = make_optimizer(c)
     graphdef, params = nnx.split(world.policy)
-    state = init_state(params, optimizer, c.seed)
+    # The step donates its state: give it its own buffers so the world's policy stays usable.
+    state = init_state(jax.tree.map(jnp.copy, params), optimizer, c.seed)
     ckpt = RunCheckpointer(workdir, keep=c.log.keep_checkpoints)
     loader = world.prompt_loader(c)
     start = 0
