@@ -6,7 +6,10 @@ Dotted overrides: ``--config.optim.lr=1e-5 --config.psm.enabled=False``. Re-runn
 
 from __future__ import annotations
 
+import os
 import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # tokenizers only: no "PyTorch not found" banner
 
 from absl import app, flags, logging
 from ml_collections import config_flags
