@@ -122,7 +122,7 @@ def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:
         oy, ox = rng.integers(0, 33, 2)
         return x[:, oy:oy + 32, ox:ox + 32], jax.random.fold_in(key, i)
 
-    losses = fit(vae, loss_fn, batch, int(1000 * scale), 2e-3, "vae")
+    losses = fit(vae, loss_fn, batch, int(700 * scale), 2e-3, "vae")
     enc = jax.jit(lambda x: vae.encode(x * 2 - 1)[0])
     lat = np.concatenate([np.asarray(enc(data.images[i:i + 256].astype(np.float32) / 255))
                           for i in range(0, min(len(data.images), 2048), 256)])
@@ -197,7 +197,7 @@ def stage_clip(data: Data, out: Path, scale: float, seed: int) -> dict:
         cap = data.caption_idx[idx]
         return x, jnp.asarray(clip_ids[cap]), jnp.asarray(cap)
 
-    losses = fit(model, loss_fn, batch, int(800 * scale), 2e-3, "clip", wd=1e-4)
+    losses = fit(model, loss_fn, batch, int(600 * scale), 2e-3, "clip", wd=1e-4)
     save_native(model, out / "clip", cfg, kind="clip")
     # retrieval accuracy of the caption among all prompts, on fresh eval-split images
     from vipo_jax.toy.digits import sample_dataset
@@ -246,7 +246,7 @@ def stage_dinov2(data: Data, out: Path, scale: float, seed: int) -> dict:
         cover = data.alpha[idx].reshape(len(idx), g, p, g, p).mean(axis=(2, 4)).reshape(len(idx), g * g)
         return x, jnp.asarray(data.labels[idx]), jnp.asarray(cover)
 
-    losses = fit(m, loss_fn, batch, int(700 * scale), 1e-3, "dinov2", wd=1e-4)
+    losses = fit(m, loss_fn, batch, int(500 * scale), 1e-3, "dinov2", wd=1e-4)
     save_native(m.backbone, out / "dinov2", cfg, kind="dinov2")
     return {"final_loss": float(np.mean(losses[-50:]))}
 
@@ -307,7 +307,7 @@ def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
         idx = rng.integers(0, len(lat), 32)
         return jnp.asarray(lat[idx]), jnp.asarray(data.caption_idx[idx]), jax.random.fold_in(key, i)
 
-    losses = fit(model, loss_fn, batch, int(2500 * scale), 1e-3, "transformer", wd=1e-4, ema_decay=0.999)
+    losses = fit(model, loss_fn, batch, int(3200 * scale), 1e-3, "transformer", wd=1e-4, ema_decay=0.999)
     save_native(model, out / "transformer", cfg, kind="flux")
     return {"final_loss": float(np.mean(losses[-100:])), **evaluate_base(out, seed)}
 
