@@ -8,24 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-
-def image_grid(images01: np.ndarray, cols: int = 8, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Tile (n, h, w, 3) float images in [0, 1] into one uint8 (H, W, 3) grid with mid-grey gutters."""
-    images01 = np.asarray(images01, dtype=np.float32)
-    n, h, w, _ = images01.shape
-    cols = max(1, min(cols, n))
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 128, dtype=np.uint8)
-    tiles = (np.clip(images01, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = tiles[k]
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return grid
+from vipo_jax.training.logging import image_grid
 
 
 def save_preview(path: str | Path, n: int = 48, seed: int = 0, split: str = "train", cols: int = 8,

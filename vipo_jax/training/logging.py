@@ -47,16 +47,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, H, W, 3) in [0,1] -> one uint8 grid image."""
-    n, h, w, _ = images.shape
-    cols = cols or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
-    return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+def image_grid(images01: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile (n, h, w, 3) float images in [0, 1] into one uint8 (H, W, 3) grid with mid-grey gutters
+    (``cols`` defaults to a square-ish layout; ``scale`` repeats pixels)."""
+    images01 = np.asarray(images01, dtype=np.float32)
+    n, h, w, _ = images01.shape
+    cols = max(1, min(cols or int(math.ceil(math.sqrt(n))), n))
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 128, dtype=np.uint8)
+    tiles = (np.clip(images01, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = tiles[k]
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
 
 
 def save_png(path: str | os.PathLike, array_uint8: np.ndarray, scale: int = 1) -> None:
