@@ -25,10 +25,11 @@ def remat_policy(name: str):
 
 
 def make_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
-    """Build ``num`` blocks with independent initialisations, stacked along axis 0 of every leaf."""
+    """Build ``num`` blocks with independent initialisations, stacked along axis 0 of every leaf (whose
+    logical sharding names, where a parameter has them, gain a leading ``"layers"``)."""
 
     @nnx.split_rngs(splits=num)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(r: nnx.Rngs):
         return factory(r)
 
