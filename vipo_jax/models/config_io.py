@@ -58,7 +58,7 @@ def pick_fields(cls: type, d: Mapping[str, Any], overrides: Mapping[str, Any], *
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; valid: {sorted(names)}")
+        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid: {sorted(names)}")
     skip, keep_none = set(skip), set(keep_none)
     kw = {k: v for k, v in d.items() if k in names and k not in skip and (v is not None or k in keep_none)}
     kw.update({k: v for k, v in overrides.items() if v is not None})

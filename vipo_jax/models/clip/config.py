@@ -8,32 +8,19 @@ checkpoints need: ``hidden_act="gelu"`` (open_clip's ``nn.GELU``, exact erf form
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.nn.stack import REMAT_POLICIES
+from vipo_jax.models.config_io import RUNTIME_FIELDS, normalize_runtime, pick_fields, read_config_json
 
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention")
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 # "auto" is transformers' rule: argmax of the token ids when eos_token_id == 2 (legacy configs
 # from before transformers PR #24773, e.g. openai/clip-vit-large-patch14 used by FLUX), else the
 # first position of eos_token_id. "argmax" is open_clip's default (EOT has the largest id).
 POOLING = ("auto", "argmax", "eos", "first", "last")
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check_runtime(cfg: Any, what: str) -> None:
-    for name in ("param_dtype", "dtype"):
-        if getattr(cfg, name) not in _DTYPES:
-            raise ConfigError(f"{what}.{name} must be one of {_DTYPES}, got {getattr(cfg, name)!r}")
-    if cfg.remat not in REMAT_POLICIES:
-        raise ConfigError(f"{what}.remat must be one of {sorted(REMAT_POLICIES)}, got {cfg.remat!r}")
-    if not isinstance(cfg.attention, str):
-        raise ConfigError(f"{what}.attention must be an attention implementation name")
 
 
 def _check_tower(cfg: Any, what: str) -> None:
@@ -43,31 +30,13 @@ def _check_tower(cfg: Any, what: str) -> None:
     if cfg.hidden_act not in ACTIVATIONS:
         raise ConfigError(f"{what}.hidden_act {cfg.hidden_act!r} is not supported; choose one of "
                           f"{ACTIVATIONS}")
-    _check_runtime(cfg, what)
+    normalize_runtime(cfg, what)
 
 
 def _pick(cls, d: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ConfigError(f"{cls.__name__}: unknown option(s) {bad}")
-    # A null in config.json means "unset" (take the default), except for token ids, where None is
-    # a value.
-    kw = {k: v for k, v in d.items() if k in names and (v is not None or k.endswith("_token_id"))}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return kw
-
-
-def read_config_json(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"no config.json in {Path(folder)}: not a transformers model folder")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"unreadable config {path}: {e}") from e
+    # A null in config.json means "unset" (take the default), except for token ids, where None is a value.
+    token_ids = [f.name for f in dataclasses.fields(cls) if f.name.endswith("_token_id")]
+    return pick_fields(cls, d, overrides, keep_none=token_ids)
 
 
 class _Tower:
@@ -81,7 +50,7 @@ class _Tower:
     def from_pretrained(cls, folder: str | Path, **overrides: Any):
         """Read ``config.json``; a full ``CLIPConfig`` file contributes its ``text_config`` /
         ``vision_config``."""
-        d = read_config_json(folder)
+        d = read_config_json(folder, what="transformers CLIP model folder")
         sub = cls._sub_key  # type: ignore[attr-defined]
         if isinstance(d.get(sub), Mapping):
             d = d[sub]
@@ -185,7 +154,7 @@ class CLIPConfig:
     attention: str = "xla"
 
     def __post_init__(self):
-        _check_runtime(self, "CLIPConfig")
+        normalize_runtime(self, "CLIPConfig")
         # The towers run with the model's runtime options.
         rt = {k: getattr(self, k) for k in RUNTIME_FIELDS}
         object.__setattr__(self, "text_config", self.text_config.replace(**rt))
@@ -214,7 +183,7 @@ class CLIPConfig:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> CLIPConfig:
-        d = read_config_json(folder)
+        d = read_config_json(folder, what="transformers CLIP model folder")
         if "vision_cfg" not in d and "vision_config" not in d:
             raise CheckpointError(f"{folder}: config.json is not a full CLIP model config "
                                   f"(model_type {d.get('model_type')!r}); use load_clip_text for a "

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.nn.attention import available_attention
-from vipo_jax.nn.stack import REMAT_POLICIES
+from vipo_jax.errors import ConfigError
+from vipo_jax.models.config_io import RUNTIME_FIELDS, normalize_runtime, pick_fields, read_config_json
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "silu", "swish", "relu")
-_RUNTIME = ("param_dtype", "dtype", "remat", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +42,7 @@ class Dinov2Config:
         if self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(f"Dinov2Config: unsupported hidden_act {self.hidden_act!r}; "
                               f"supported: {list(_ACTIVATIONS)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"Dinov2Config: unknown remat {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
-        if self.attention not in available_attention():
-            raise ConfigError(f"Dinov2Config: unknown attention {self.attention!r}; "
-                              f"available: {available_attention()}")
+        normalize_runtime(self, "Dinov2Config")
         if self.num_register_tokens < 0:
             raise ConfigError("Dinov2Config: num_register_tokens must be >= 0")
         if self.image_size < self.patch_size:
@@ -82,30 +75,18 @@ class Dinov2Config:
         """Build from a transformers ``config.json`` dict. Keys this port does not use are ignored;
         the runtime options (``dtype`` included, which in ``config.json`` is the dtype the checkpoint
         was saved in) only come from ``overrides``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and k not in _RUNTIME}
+        kw = pick_fields(cls, d, overrides, skip=RUNTIME_FIELDS)
         for key in ("image_size", "patch_size"):
             v = kw.get(key)
             if isinstance(v, list | tuple):
                 if len(v) != 2 or v[0] != v[1]:
                     raise ConfigError(f"Dinov2Config: only square {key} is supported, got {v}")
                 kw[key] = int(v[0])
-        unknown = set(overrides) - names
-        if unknown:
-            raise ConfigError(f"Dinov2Config: unknown options {sorted(unknown)}")
-        kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> Dinov2Config:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {folder}")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable {path}: {e}") from e
-        return cls.from_dict(d, **overrides)
+        return cls.from_dict(read_config_json(folder, what="transformers DINOv2 model folder"), **overrides)
 
 
 # facebook/dinov2-{small,base,large,giant} (config.json); the "-with-registers-" checkpoints are the

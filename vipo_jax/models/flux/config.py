@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
-from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.nn.attention import available_attention
-from vipo_jax.nn.stack import REMAT_POLICIES
-
-_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+from vipo_jax.errors import ConfigError
+from vipo_jax.models.config_io import normalize_runtime, pick_fields, read_config_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +40,7 @@ class FluxConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
-        for name in ("param_dtype", "dtype"):
-            value = getattr(self, name)
-            if not isinstance(value, str):  # a numpy / jnp dtype or scalar type
-                value = jnp.dtype(value).name
-            if value not in _FLOAT_DTYPES:
-                raise ConfigError(f"FluxConfig.{name} must be one of {_FLOAT_DTYPES}, got {value!r}")
-            object.__setattr__(self, name, value)
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"FluxConfig.remat {self.remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in available_attention():
-            raise ConfigError(
-                f"FluxConfig.attention {self.attention!r} unknown; available: {available_attention()}"
-            )
+        normalize_runtime(self, "FluxConfig")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ConfigError(
                 f"FluxConfig: sum(axes_dims_rope)={sum(self.axes_dims_rope)} must equal "
@@ -87,31 +69,14 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> FluxConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"unknown FluxConfig options {unknown}; valid: {sorted(names)}")
-        kw = {k: v for k, v in d.items() if k in names}
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw)
+        return cls(**pick_fields(cls, d, overrides))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> FluxConfig:
         """Read ``config.json`` of a diffusers transformer folder (or of a pipeline root's
         ``transformer/`` subfolder)."""
-        folder = Path(folder)
-        path = folder / "config.json"
-        if not path.is_file() and (folder / "transformer" / "config.json").is_file():
-            path = folder / "transformer" / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {folder}: not a diffusers FLUX transformer folder")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable {path}: {e}") from e
-        cls_name = d.get("_class_name")
-        if cls_name is not None and cls_name != "FluxTransformer2DModel":
-            raise CheckpointError(f"{path} describes a {cls_name}, not a FluxTransformer2DModel")
+        d = read_config_json(folder, subfolders=("transformer",), class_names=("FluxTransformer2DModel",),
+                             what="diffusers FLUX transformer folder")
         return cls.from_dict(d, **overrides)
 
 

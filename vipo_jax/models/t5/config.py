@@ -7,13 +7,11 @@ the file written by ``T5EncoderModel.save_pretrained`` / ``UMT5EncoderModel.save
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.nn.attention import available_attention
-from vipo_jax.nn.stack import REMAT_POLICIES
+from vipo_jax.errors import ConfigError
+from vipo_jax.models.config_io import RUNTIME_FIELDS, normalize_runtime, pick_fields, read_config_json
 
 # Activation names as transformers spells them (ACT2FN); "gated-gelu" maps to gelu_new (tanh).
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
@@ -56,10 +54,7 @@ class T5Config:
                 raise ConfigError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
         if self.relative_attention_num_buckets < 4:
             raise ConfigError("T5Config.relative_attention_num_buckets must be >= 4 (bidirectional buckets)")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"T5Config.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in available_attention():
-            raise ConfigError(f"T5Config.attention={self.attention!r}; available: {available_attention()}")
+        normalize_runtime(self, "T5Config")
 
     @property
     def is_gated(self) -> bool:
@@ -78,23 +73,13 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> T5Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"unknown T5Config options {unknown}")
+        kwargs = pick_fields(cls, d, overrides, skip=RUNTIME_FIELDS)  # a file's "dtype" is its storage dtype
         if kwargs.get("model_type", "t5") not in ("t5", "umt5", "mt5"):
             raise ConfigError(f"T5Config: model_type {kwargs['model_type']!r} is not a T5 / UMT5 encoder")
         return cls(**kwargs)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> T5Config:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {folder}: not a transformers T5 / UMT5 model folder")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable {path}: {e}") from e
+        d = read_config_json(folder, what="transformers T5 / UMT5 model folder")
         return cls.from_dict(d, **overrides)
+

@@ -8,19 +8,16 @@ is the real FLUX.1 VAE.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.nn.attention import available_attention
-from vipo_jax.nn.stack import REMAT_POLICIES
+from vipo_jax.errors import ConfigError
+from vipo_jax.models.config_io import normalize_runtime, pick_fields, read_config_json
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
 _ACTIVATIONS = ("silu", "swish")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +76,7 @@ class AutoencoderKLConfig:
                     f"AutoencoderKLConfig: block_out_channels {self.block_out_channels} are not all "
                     f"divisible by norm_num_groups={self.norm_num_groups}"
                 )
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ConfigError(
-                    f"AutoencoderKLConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(
-                f"AutoencoderKLConfig.remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in available_attention():
-            raise ConfigError(
-                f"AutoencoderKLConfig.attention {self.attention!r} is not one of {available_attention()}"
-            )
+        normalize_runtime(self, "AutoencoderKLConfig")
         if not self.scaling_factor:
             raise ConfigError("AutoencoderKLConfig.scaling_factor must be non-zero")
 
@@ -104,23 +91,11 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> AutoencoderKLConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"AutoencoderKLConfig has no fields {unknown}")
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kwargs)
+        return cls(**pick_fields(cls, d, overrides))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> AutoencoderKLConfig:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {folder}: expected a diffusers vae/ folder")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable {path}: {e}") from e
+        d = read_config_json(folder, class_names=("AutoencoderKL",), what="diffusers vae/ folder")
         return cls.from_dict(d, **overrides)
 
     @classmethod
