@@ -1,0 +1,51 @@
+"""The paper's ablations in the toy world, one factor at a time around the default ViPO run, 3 seeds.
+
+Each group changes one setting from the default (configs/flux.py:toy) and keeps the rest:
+  map_ones        the map is all ones (psm.aggregation=uniform): ViPO's update with GRPO's advantage
+  map_on_reward   the map scales the reward instead of the advantage (train.map_target=reward)
+  aggregation     principal components averaged instead of variance-weighted
+  num_components  1, 2, 4, 5 principal components (default 3)
+  smooth_sigma    Gaussian smoothing 0, 0.5, 2 (default 1)
+  sign_rule       the sign of each component from sklearn's U or V convention (default border)
+  logprob_reduction  per-sample mean log-prob instead of the per-position sum
+The "default" group is the shared reference; the GRPO baseline is in toy_grpo_vs_vipo.py.
+
+COMMAND:
+  python -m launch.sweep --sweep=configs/sweeps/toy_ablations.py --workdir=runs/toy_ablations
+  python -m launch.sweep --sweep=configs/sweeps/toy_ablations.py --workdir=runs/toy_ablations --only='smooth_sigma-*'
+"""
+
+from __future__ import annotations
+
+SEEDS = [0, 1, 2]
+
+# key -> the values other than the default, each a group of its own.
+FACTORS: dict[str, list] = {
+    "config.psm.aggregation": ["average"],
+    "config.psm.num_components": [1, 2, 4, 5],
+    "config.psm.smooth_sigma": [0.0, 0.5, 2.0],
+    "config.psm.sign_rule": ["sklearn_u", "sklearn_v"],
+    "config.train.logprob_reduction": ["sample_mean"],
+}
+
+
+def get_sweep(arg: str | None = None) -> dict:
+    arg = (arg or "").strip()
+    if arg not in ("", "quick"):
+        raise ValueError(f"configs/sweeps/toy_ablations.py: unknown argument {arg!r}; use quick or nothing")
+    seeds = SEEDS[:1] if arg == "quick" else SEEDS
+    grids: dict[str, dict] = {
+        "default": {"config.seed": seeds},
+        "map_ones": {"config.psm.aggregation": ["uniform"], "config.seed": seeds},
+        "map_on_reward": {"config.train.map_target": ["reward"], "config.seed": seeds},
+    }
+    for key, values in FACTORS.items():
+        short = key.rsplit(".", 1)[-1]
+        for v in values:
+            grids[f"{short}-{v:g}" if isinstance(v, float) else f"{short}-{v}"] = {key: [v], "config.seed": seeds}
+    return {
+        "config": "configs/flux.py:toy",
+        "grids": grids,
+        "name": "{label}_seed-{seed}",
+        "fixed": {"config.train.iterations": 10, "config.log.eval_every": 0} if arg == "quick" else {},
+    }

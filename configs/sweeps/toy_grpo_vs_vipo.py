@@ -1,0 +1,27 @@
+"""The toy world's main comparison: plain GRPO (the DanceGRPO baseline, PSM off) against ViPO, 3 seeds.
+
+COMMAND:
+  python -m launch.sweep --sweep=configs/sweeps/toy_grpo_vs_vipo.py --workdir=runs/toy_grpo_vs_vipo
+  # smoke test (one seed, 10 iterations, no evaluation):
+  python -m launch.sweep --sweep=configs/sweeps/toy_grpo_vs_vipo.py:quick --workdir=runs/quick_grpo_vs_vipo
+"""
+
+from __future__ import annotations
+
+SEEDS = [0, 1, 2]
+
+
+def get_sweep(arg: str | None = None) -> dict:
+    arg = (arg or "").strip()
+    if arg not in ("", "quick"):
+        raise ValueError(f"configs/sweeps/toy_grpo_vs_vipo.py: unknown argument {arg!r}; use quick or nothing")
+    seeds = SEEDS[:1] if arg == "quick" else SEEDS
+    return {
+        "config": "configs/flux.py:toy",
+        "grids": {
+            "grpo": {"config.psm.enabled": [False], "config.seed": seeds},
+            "vipo": {"config.psm.enabled": [True], "config.seed": seeds},
+        },
+        "name": "{label}_seed-{seed}",
+        "fixed": {"config.train.iterations": 10, "config.log.eval_every": 0} if arg == "quick" else {},
+    }
