@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from vipo_jax.errors import ConfigError
+from vipo_jax.errors import ConfigError, DataError
 
 #: Every color of the world, name -> RGB in [0, 1]. Indices into this tuple are the color labels.
 PALETTE: tuple[tuple[str, tuple[float, float, float]], ...] = (
@@ -153,6 +153,16 @@ def render(digit_img: np.ndarray, fg: int | str | tuple = "white", bg: int | str
 def caption(digit: int, fg: int | str, bg: int | str) -> str:
     """'a red 3 on a blue background'."""
     return f"a {COLOR_NAMES[color_index(fg)]} {int(digit)} on a {COLOR_NAMES[color_index(bg)]} background"
+
+
+def parse_caption(text: str) -> tuple[int, int, int]:
+    """The (digit, fg, bg) of a toy caption; a DataError for anything :func:`caption` cannot write."""
+    words = text.strip().lower().split()
+    ok = (len(words) == 7 and words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background"
+          and words[2].isdigit() and int(words[2]) in DIGITS and words[1] in COLOR_NAMES and words[5] in COLOR_NAMES)
+    if not ok:
+        raise DataError(f"{text!r} is not a toy-world caption (expected e.g. 'a red 3 on a blue background')")
+    return int(words[2]), COLOR_NAMES.index(words[1]), COLOR_NAMES.index(words[5])
 
 
 def _all_combos() -> list[tuple[int, int, int]]:

@@ -10,6 +10,7 @@ embedding cache next to it so the 4.7B T5 is not in memory during training.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ class FluxWorld:
     main_reward: str
     png_scale: int = 1
     guidance: float | None = None
+    # prompts -> a per-prompt table like ``cond`` (conditioning and metric inputs), for evaluation
+    encode: Callable[[list[str]], dict] | None = None
 
     # --- the pure callables of the train step ----------------------------------------------------
     def velocity_fn(self, params, x, sigma, cond):
@@ -99,7 +102,12 @@ class FluxWorld:
         return _Loader(len(self.prompts), c.sampling.prompts_per_iter, c.seed)
 
     def batch(self, indices: np.ndarray) -> dict:
-        take = {k: jnp.asarray(v[indices]) for k, v in self.cond.items()}
+        return self.batch_from(self.cond, indices)
+
+    @staticmethod
+    def batch_from(table: dict, indices: np.ndarray) -> dict:
+        """Rows ``indices`` of a per-prompt table as the step's batch: ``{"cond": ..., **metric inputs}``."""
+        take = {k: jnp.asarray(np.asarray(v)[indices]) for k, v in table.items()}
         return {"cond": {"t5": take.pop("t5"), "pooled": take.pop("pooled")}, **take}
 
     def eval_inputs(self, c: mlc.ConfigDict):
@@ -181,13 +189,21 @@ def build_toy_world(c: mlc.ConfigDict) -> FluxWorld:
     eval_cond["labels"] = np.asarray(ev_combos, np.int32)
     names = [n for n, _ in reward_spec(c)]
     reward_fns, eval_fns = _toy_rewards(graphdefs, names)
+
+    def encode(texts: list[str]) -> dict:
+        from vipo_jax.toy.digits import parse_caption
+
+        labels = np.asarray([parse_caption(t) for t in texts], np.int32)
+        return {**assets.encode_prompts(texts, root, t5=t5, clip=frozen_models["clip"]), "labels": labels}
+
     vae_cfg = frozen_models["vae"].cfg
     f = vae_cfg.downsample_factor
     latent_shape = (c.sampling.height // f, c.sampling.width // f, vae_cfg.latent_channels)
     return FluxWorld(config=c, policy=policy, graphdefs=graphdefs, frozen=frozen, prompts=train_prompts,
                      cond=cond, eval_prompts=eval_prompts, eval_cond=eval_cond, latent_shape=latent_shape,
                      step_config=step_config(c), reward_fns=reward_fns, eval_fns=eval_fns, main_reward=names[0],
-                     png_scale=2, guidance=c.sampling.guidance if policy.cfg.guidance_embeds else None)
+                     png_scale=2, guidance=c.sampling.guidance if policy.cfg.guidance_embeds else None,
+                     encode=encode)
 
 
 REAL_HELP = """\
@@ -218,15 +234,13 @@ def check_real_paths(c: mlc.ConfigDict) -> Path:
     return root
 
 
-def _real_rewards(c: mlc.ConfigDict, root: Path, prompts: list[str],
-                  eval_prompts: list[str]) -> tuple[dict, dict, dict, dict, dict]:
+def _real_rewards(c: mlc.ConfigDict, root: Path) -> tuple[dict, dict, dict, Callable[[list[str]], dict]]:
+    """The configured reward models: (score fns, graphdefs, frozen params, prompts -> their inputs)."""
     from vipo_jax.models.clip import load_clip
     from vipo_jax.rewards.clip_scores import clip_score, hps_v21_score, pickscore
     from vipo_jax.text.tokenizers import load_tokenizer, tokenize
 
     tok = load_tokenizer(root / "tokenizer")
-    ids, _ = tokenize(tok, prompts, 77)
-    eval_ids, _ = tokenize(tok, eval_prompts, 77)
     graphdefs, frozen, fns = {}, {}, {}
     kinds = {"hpsv21": hps_v21_score, "pickscore": pickscore, "clip_score": clip_score}
     for name, _ in reward_spec(c):
@@ -242,7 +256,11 @@ def _real_rewards(c: mlc.ConfigDict, root: Path, prompts: list[str],
             return score(nnx.merge(graphdefs[name], frozen_[f"reward_{name}"]), images, batch["reward_ids"])
 
         fns[name] = fn
-    return fns, graphdefs, frozen, {"reward_ids": ids}, {"reward_ids": eval_ids}
+
+    def inputs(texts: list[str]) -> dict:
+        return {"reward_ids": tokenize(tok, texts, 77)[0]}
+
+    return fns, graphdefs, frozen, inputs
 
 
 def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
@@ -257,13 +275,17 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
     eval_prompts = (load_prompts(c.data.eval_prompts, c.data.cache_dir or None).prompts()
                     if c.data.eval_prompts else prompts[: c.log.num_eval_prompts])[: c.log.num_eval_prompts]
     tag = f"flux-{c.model.variant}-{c.sampling.max_text_len}-{c.model.dtype}"
+
+    def new_encoder() -> PromptEncoder:
+        return PromptEncoder.from_flux(root, c.model.variant, dtype=c.model.dtype, param_dtype=c.model.dtype,
+                                       max_sequence_length=c.sampling.max_text_len)
+
     cache, eval_cache_path = cache_path_for(c.data.prompts, tag), cache_path_for(c.data.prompts, tag + "-eval")
     try:
         embeds = load_cache(cache, prompts)
         eval_embeds = load_cache(eval_cache_path, eval_prompts)
     except DataError:
-        encoder = PromptEncoder.from_flux(root, c.model.variant, dtype=c.model.dtype, param_dtype=c.model.dtype,
-                                          max_sequence_length=c.sampling.max_text_len)
+        encoder = new_encoder()
         embeds = build_cache(prompts, encoder, cache)
         eval_embeds = build_cache(eval_prompts, encoder, eval_cache_path)
         del encoder
@@ -275,19 +297,25 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
     graphdefs["vae"], frozen["vae"] = nnx.split(vae)
     if c.psm.enabled:
         graphdefs["dinov2"], frozen["dinov2"] = nnx.split(load_dinov2(c.psm.backbone, dtype=c.model.dtype))
-    reward_fns, rg, rf, reward_inputs, eval_inputs = _real_rewards(c, root, prompts, eval_prompts)
+    reward_fns, rg, rf, reward_inputs = _real_rewards(c, root)
     graphdefs.update(rg)
     frozen.update(rf)
     f = vae.cfg.downsample_factor
     latent_shape = (c.sampling.height // f, c.sampling.width // f, vae.cfg.latent_channels)
     names = [n for n, _ in reward_spec(c)]
-    cond = {"t5": embeds.t5, "pooled": embeds.pooled, **reward_inputs}
-    eval_cond = {"t5": eval_embeds.t5, "pooled": eval_embeds.pooled, **eval_inputs}
+    cond = {"t5": embeds.t5, "pooled": embeds.pooled, **reward_inputs(prompts)}
+    eval_cond = {"t5": eval_embeds.t5, "pooled": eval_embeds.pooled, **reward_inputs(eval_prompts)}
+
+    def encode(texts: list[str]) -> dict:
+        """Encodes with a freshly loaded T5 (evaluation only: training reads the cache)."""
+        t5, pooled = new_encoder().encode(texts)
+        return {"t5": t5, "pooled": pooled, **reward_inputs(texts)}
+
     return FluxWorld(config=c, policy=policy, graphdefs=graphdefs, frozen=frozen, prompts=prompts, cond=cond,
                      eval_prompts=eval_prompts, eval_cond=eval_cond, latent_shape=latent_shape,
                      step_config=step_config(c), reward_fns=reward_fns, eval_fns=dict(reward_fns),
                      main_reward=names[0], png_scale=1,
-                     guidance=c.sampling.guidance if policy.cfg.guidance_embeds else None)
+                     guidance=c.sampling.guidance if policy.cfg.guidance_embeds else None, encode=encode)
 
 
 def build_flux_world(c: mlc.ConfigDict) -> Any:

@@ -1,0 +1,100 @@
+"""Command line: compare checkpoints on held-out prompts.
+
+    python -m vipo_jax.evaluate --config=configs/flux.py:toy \
+        --checkpoint=base --checkpoint=grpo=runs/toy_grpo --checkpoint=vipo=runs/toy_vipo --out=runs/eval
+
+``--checkpoint`` is ``base`` (the world's initial weights), a run workdir (latest checkpoint),
+``DIR@STEP``, or ``LABEL=DIR[@STEP]``; repeat it to compare several in one table. Prompts come from
+``--prompts`` (a text or JSONL file); without it the toy world uses its 54 held-out prompt
+combinations, a real world ``--config.data.eval_prompts``. Every metric the world knows is scored:
+the toy world's redness, toy CLIP score, digit accuracy and colour match; for FLUX.1 every reward
+model given a path (``--config.rewards.hpsv21=... --config.rewards.pickscore=...``), not only the
+trained one. Writes results.json, report.md, report.html, comparison.png and per-checkpoint grids.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vipo_jax.errors import VipoError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] of the evaluated runs",
+                                          lock_config=False)
+_CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", ["base"], "base | DIR | DIR@STEP | LABEL=DIR[@STEP]")
+_PROMPTS = flags.DEFINE_string("prompts", "", "prompts file (text, one per line, or JSONL with 'prompt')")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 0, "use only the first N prompts (0: all)")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "noise seeds; every prompt is sampled once per seed")
+_OUT = flags.DEFINE_string("out", "runs/eval", "output folder")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "samples per jitted sampling call")
+_GRID = flags.DEFINE_integer("grid_prompts", 8, "prompts shown in the image grids")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
+
+EVAL_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward")
+
+
+def eval_config(c):
+    """The run's config with every reward model that has a path scored (real worlds) and the PSM
+    backbone left unloaded (evaluation does not need it)."""
+    c = c.copy_and_resolve_references()
+    if c.world != "toy":
+        trained = [n.strip() for n in str(c.rewards.names).split(",") if n.strip()]
+        extra = [n for n in EVAL_REWARDS if n not in trained and n in c.rewards and c.rewards[n]]
+        names = trained + extra
+        c.rewards.names = ",".join(names)
+        c.rewards.coefs = ",".join(["1.0"] * len(names))
+        c.psm.enabled = False
+    return c
+
+
+def default_prompts(c) -> list[str]:
+    from vipo_jax.data.prompts import load_prompts
+
+    if _PROMPTS.value:
+        return load_prompts(_PROMPTS.value, c.data.cache_dir or None).prompts()
+    if c.world == "toy":
+        from vipo_jax.toy.digits import prompt_set
+
+        return prompt_set("eval")
+    if c.data.eval_prompts:
+        return load_prompts(c.data.eval_prompts, c.data.cache_dir or None).prompts()
+    raise app.UsageError("give --prompts=FILE (or --config.data.eval_prompts)")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
+    logging.set_verbosity(logging.WARNING)
+    from vipo_jax.evaluation import evaluate, parse_checkpoint
+    from vipo_jax.utils.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
+    try:
+        c = eval_config(_CONFIG.value)
+        prompts = default_prompts(c)
+        if _NUM_PROMPTS.value:
+            prompts = prompts[: _NUM_PROMPTS.value]
+        seeds = [int(s) for s in _SEEDS.value]
+        specs = [parse_checkpoint(a) for a in _CHECKPOINTS.value]
+        results = evaluate(c, specs, prompts, seeds, _OUT.value, batch_size=_BATCH.value,
+                           grid_prompts=_GRID.value, progress=not _NO_PROGRESS.value)
+    except (VipoError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from vipo_jax.evaluation.report import comparison_rows
+
+    header, rows = comparison_rows(results)
+    print(" | ".join(header))
+    for r in rows:
+        print(" | ".join(r))
+    print(f"report: {os.path.join(_OUT.value, 'report.md')} (also report.html, results.json, comparison.png)")
+
+
+if __name__ == "__main__":
+    app.run(main)

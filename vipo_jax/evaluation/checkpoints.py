@@ -1,0 +1,85 @@
+"""Which policies an evaluation compares: ``base`` (the world's initial weights) or a run's
+workdir (its latest orbax checkpoint, or ``path@STEP``), each with a label for the tables."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vipo_jax.errors import CheckpointError, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    label: str
+    path: str | None  # None: the base model
+    step: int | None = None
+
+
+def parse_checkpoint(arg: str) -> CheckpointSpec:
+    """``base``, ``PATH``, ``PATH@STEP`` or ``LABEL=PATH[@STEP]`` (the label defaults to the
+    folder's name)."""
+    arg = arg.strip()
+    if not arg:
+        raise ConfigError("empty --checkpoint value")
+    label, _, rest = arg.partition("=") if "=" in arg else ("", "", arg)
+    if rest == "base":
+        return CheckpointSpec(label or "base", None)
+    path, step = rest, None
+    if "@" in rest:
+        path, _, s = rest.rpartition("@")
+        if not s.isdigit():
+            raise ConfigError(f"--checkpoint={arg!r}: the part after '@' must be a step number")
+        step = int(s)
+    return CheckpointSpec(label or Path(path).name or path, path, step)
+
+
+def unique_labels(specs: list[CheckpointSpec]) -> list[CheckpointSpec]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in specs:
+        n = seen.get(s.label, 0)
+        seen[s.label] = n + 1
+        out.append(s if n == 0 else dataclasses.replace(s, label=f"{s.label}#{n + 1}"))
+    return out
+
+
+def restore_params(spec: CheckpointSpec, abstract_params: Any) -> tuple[Any, int]:
+    """Only the policy parameters of a run's checkpoint (the optimizer state is not read), as
+    arrays shaped like ``abstract_params``; returns them and the step they come from."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(spec.path) / "checkpoints"
+    if not folder.is_dir():
+        raise CheckpointError(f"{spec.path}: no checkpoints/ folder (is it a vipo_jax run workdir?)")
+    manager = ocp.CheckpointManager(folder.absolute())
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{folder}: holds no checkpoint")
+        step = spec.step if spec.step is not None else max(steps)
+        if step not in steps:
+            raise CheckpointError(f"{folder}: no checkpoint at step {step} (have {sorted(steps)})")
+        item = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)}
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        except Exception as e:  # orbax raises many kinds; name the folder and the likely cause
+            raise CheckpointError(f"cannot read the policy parameters of {folder} step {step}: {e}. Was the run "
+                                  "trained with the same --config (model size, LoRA settings)?") from e
+    finally:
+        manager.close()
+    got = out["state"]["params"]
+    mismatch = [f"{jax.tree_util.keystr(k)}: {np.shape(a)} vs {ref.shape}"
+                for (k, a), ref in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(abstract_params))
+                if np.shape(a) != tuple(ref.shape)]
+    if len(jax.tree.leaves(got)) != len(jax.tree.leaves(abstract_params)) or mismatch:
+        raise CheckpointError(f"the policy parameters of {folder} step {step} do not fit this model "
+                              f"({'; '.join(mismatch[:3]) or 'different tree'}). Was the run trained with the "
+                              "same --config (model size, LoRA settings)?")
+    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), got, abstract_params)
+    return params, step
