@@ -41,15 +41,16 @@ from flax import nnx
 
 from vipo_jax.models.wan.config import WanConfig
 from vipo_jax.nn.attention import attention
+from vipo_jax.nn.lora import Linear
 from vipo_jax.nn.stack import make_stack, scan_stack
 
 _F32 = jnp.float32
 
 
 def _linear(cfg: WanConfig, n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-            dtype=None) -> nnx.Linear:
+            dtype=None) -> Linear:
     """A biased Linear whose kernel carries the logical ``axes`` (in, out) and bias ``(out,)``."""
-    return nnx.Linear(
+    return Linear(
         n_in, n_out, use_bias=True, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs,
