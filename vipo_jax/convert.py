@@ -8,6 +8,12 @@ against the model config (open_clip ViT-H-14 unless ``--model`` / ``--config`` s
 and writes the tensors unchanged (open_clip key names, original dtypes) plus our CLIP config as
 ``<dst stem>.json``. ``vipo_jax.models.clip.load_clip(dst)`` then loads it. torch is needed by
 this command only.
+
+    python -m vipo_jax.convert image-reward ImageReward.pt OUT_DIR
+
+does the same for THUDM/ImageReward (``vipo_jax.models.blip.convert_image_reward_checkpoint``):
+``OUT_DIR/model.safetensors`` + ``OUT_DIR/config.json``, loaded by
+``vipo_jax.rewards.image_reward.ImageRewardScorer.from_folder``.
 """
 
 from __future__ import annotations
@@ -128,8 +134,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     hps.add_argument("--dst", required=True, help="output .safetensors (config goes to <stem>.json)")
     hps.add_argument("--model", default=None, help="open_clip model name (default ViT-H-14)")
     hps.add_argument("--config", default=None, help="open_clip model config json (overrides --model)")
+    ir = sub.add_parser("image-reward", help="ImageReward.pt -> OUT_DIR/model.safetensors + config.json")
+    ir.add_argument("src", help="the .pt file, e.g. ImageReward.pt")
+    ir.add_argument("out_dir", help="output folder")
+    ir.add_argument("--config", default=None, help="our ImageReward config.json (default: the v1.0 architecture)")
+    ir.add_argument("--med-config", default=None, help="BLIP med_config.json for the text encoder")
     args = parser.parse_args(argv)
     try:
+        if args.command == "image-reward":
+            from vipo_jax.models.blip.convert import convert_image_reward_checkpoint
+
+            out = convert_image_reward_checkpoint(args.src, args.out_dir, config=args.config,
+                                                  med_config=args.med_config)
+            print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+            return 0
         cfg_path = convert_open_clip_checkpoint(args.src, args.dst, model=args.model, config=args.config)
     except VipoError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,34 @@
+"""Loader: a converted ImageReward folder -> :class:`ImageRewardModel`, strictly (no random init)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from vipo_jax.errors import CheckpointError
+from vipo_jax.models.blip.config import ImageRewardConfig
+from vipo_jax.models.blip.convert import convert_image_reward
+from vipo_jax.models.blip.model import ImageRewardModel
+from vipo_jax.weights.loading import ShardingFn, check_float_dtype, load_into
+from vipo_jax.weights.safetensors_io import open_checkpoint
+
+
+def load_image_reward(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+                      sharding: ShardingFn | None = None, **overrides: Any) -> ImageRewardModel:
+    """Load the folder ``python -m vipo_jax.convert image-reward ImageReward.pt FOLDER`` wrote
+    (``config.json`` + ``model.safetensors``). ``overrides``: ImageRewardConfig fields such as
+    ``remat`` or ``attention``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"ImageReward folder not found: {folder}")
+    if param_dtype is not None:
+        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
+    if dtype is not None:
+        overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
+    cfg = ImageRewardConfig.from_pretrained(folder, **overrides)
+    params = convert_image_reward(open_checkpoint(folder, "model"), cfg, where=str(folder))
+    abstract = nnx.eval_shape(lambda: ImageRewardModel(cfg, rngs=nnx.Rngs(0)))
+    return load_into(abstract, params, where=str(folder), sharding=sharding)
