@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -16,6 +17,21 @@ REMAT_POLICIES: dict[str, Any] = {
     "save_all_dots": jax.checkpoint_policies.checkpoint_dots,
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+
+
+_UNROLL_ALL = False
+
+
+@contextlib.contextmanager
+def unrolled_stacks() -> Iterator[None]:
+    """Trace every :func:`scan_stack` fully unrolled: XLA's cost analysis counts a loop body once,
+    so FLOP counting (``vipo_jax.plan``) traces the layers without the loop."""
+    global _UNROLL_ALL
+    old, _UNROLL_ALL = _UNROLL_ALL, True
+    try:
+        yield
+    finally:
+        _UNROLL_ALL = old
 
 
 def remat_policy(name: str):
@@ -49,5 +65,5 @@ def scan_stack(stack: nnx.Module, carry: Any, *args: Any, remat: str = "none",
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    carry, _ = jax.lax.scan(body, carry, params, unroll=unroll)
+    carry, _ = jax.lax.scan(body, carry, params, unroll=True if _UNROLL_ALL else unroll)
     return carry
