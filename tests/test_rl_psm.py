@@ -270,6 +270,22 @@ def test_psm_video_matches_numpy(video_feats):
     assert ours.shape == (1, 3, 5, 6)
 
 
+@pytest.mark.parametrize("frames,latent_frames", [(53, 14), (9, 9), (5, 9)])
+def test_psm_video_time_resampling_and_sigma(frames, latent_frames):
+    """Wan's recipe (53 frames -> 14 latent frames), no resampling (only the sigma=0.3 smoothing)
+    and upsampling in time, against linear interpolation + scipy's gaussian_filter1d(sigma=0.3)."""
+    rng = np.random.default_rng(frames)
+    f = structured_features(rng, frames, 4, 5)
+    f = (f + np.sin(np.linspace(0, 3, frames))[:, None, None, None] * f[0]).astype(np.float32)[None]
+    ours = _psm_video(f, (latent_frames, 4, 5), PSMOptions())
+    ref = ref_video(f[0], (latent_frames, 4, 5), np_time_linear, resize=lambda m, s: m)
+    assert_close(ours[0], ref, rel=1e-5, what=f"video psm {frames}->{latent_frames} frames")
+    if frames == latent_frames:  # the smoothing alone changes the volume (sigma=0.3 is not a no-op)
+        per_frame = np.stack([ref_map(x, (4, 5), resize=lambda m, s: m) for x in f[0]])
+        per_frame = (per_frame - per_frame.min()) / (per_frame.max() - per_frame.min())
+        assert np.abs(np.asarray(ours[0]) - per_frame).max() > 1e-3
+
+
 @pytest.mark.torch
 def test_psm_video_matches_official_torch(torch, video_feats):
     ours = _psm_video(video_feats, (3, 8, 10), PSMOptions())

@@ -9,17 +9,21 @@ refuses a cache built for another prompt list (or, when given the encoder, anoth
 
 The CLIP model is duck-typed: any callable ``clip(input_ids) -> (hidden, pooled)`` works (an
 ``nnx.Module`` is jitted with its weights as arguments). It may be ``None`` for pipelines that use
-the T5 / UMT5 alone (Wan2.1); the cache then has no ``pooled``.
+the T5 / UMT5 alone (Wan2.1); the cache then has no ``pooled``. :meth:`PromptEncoder.from_wan`
+encodes as diffusers' WanPipeline does: cleaned prompts, UMT5 with its attention mask, and the
+hidden states beyond each prompt's length replaced by zero vectors (512 positions in all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,15 +99,31 @@ def _tokenizer_fingerprint(h: Any, name: str, tok: Any) -> None:
     h.update(json.dumps(getattr(tok, "special_tokens_map", {}), sort_keys=True, default=str).encode())
 
 
+def wan_prompt_clean(text: str) -> str:
+    """diffusers' WanPipeline ``prompt_clean``: ftfy (when installed), HTML unescaping twice, and
+    every whitespace run collapsed to one space."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class PromptEncoder:
     """Tokenize and encode prompts in fixed-size jitted batches (one compile for any prompt count).
 
     ``t5_attention_mask=False`` matches FluxPipeline (the T5 sees its padding); set it for
-    pipelines that pass the mask (Wan2.1's UMT5)."""
+    pipelines that pass the mask (Wan2.1's UMT5). ``zero_pad=True`` replaces the states after each
+    prompt's tokens by zero vectors (WanPipeline cuts each prompt at its length and pads with zeros);
+    ``clean`` rewrites every prompt before tokenization (WanPipeline's ``prompt_clean``)."""
 
     def __init__(self, t5: Any, clip: Any | None, t5_tokenizer: Any, clip_tokenizer: Any | None = None, *,
                  t5_max_length: int = 512, clip_max_length: int = CLIP_MAX_LENGTH, batch_size: int = 8,
-                 t5_attention_mask: bool = False):
+                 t5_attention_mask: bool = False, zero_pad: bool = False,
+                 clean: Callable[[str], str] | None = None):
         if (clip is None) != (clip_tokenizer is None):
             raise DataError("PromptEncoder: give both the CLIP model and its tokenizer, or neither")
         if batch_size <= 0:
@@ -113,14 +133,18 @@ class PromptEncoder:
         self.t5_max_length, self.clip_max_length = int(t5_max_length), int(clip_max_length)
         self.batch_size = int(batch_size)
         self.t5_attention_mask = bool(t5_attention_mask)
+        self.zero_pad = bool(zero_pad)
+        self.clean = clean
         self._fingerprint: str | None = None
 
         t5_fn, self._t5_state = _as_pure(t5)
         clip_fn, self._clip_state = _as_pure(clip) if clip is not None else (None, None)
-        use_mask = self.t5_attention_mask
+        use_mask, zero_pad = self.t5_attention_mask, self.zero_pad
 
         def run(t5_state, clip_state, t5_ids, t5_mask, clip_ids):
             embeds = t5_fn(t5_state, t5_ids, t5_mask if use_mask else None)
+            if zero_pad:
+                embeds = jax.numpy.where(t5_mask[..., None] > 0, embeds, 0).astype(embeds.dtype)
             pooled = clip_fn(clip_state, clip_ids)[1] if clip_fn is not None else None
             return embeds, pooled
 
@@ -153,12 +177,34 @@ class PromptEncoder:
         return cls(t5, clip, t5_tok, clip_tok, t5_max_length=max_len, clip_max_length=clip_len,
                    batch_size=batch_size)
 
+    @classmethod
+    def from_wan(cls, root: str | os.PathLike, *, param_dtype: Any = "bfloat16", dtype: Any = "bfloat16",
+                 batch_size: int = 8, max_sequence_length: int = 512) -> PromptEncoder:
+        """The text side of a diffusers Wan2.1 folder: ``text_encoder`` (UMT5-XXL) and ``tokenizer``,
+        encoding as WanPipeline does (``max_sequence_length`` 512, attention mask, zero padding after
+        each prompt, ``prompt_clean``)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"Wan2.1 folder not found: {root}")
+        if not 1 <= int(max_sequence_length) <= 512:
+            raise DataError(f"max_sequence_length must be in 1..512 (WanPipeline uses 512), got {max_sequence_length}")
+        from vipo_jax.models.t5 import load_t5_encoder
+        from vipo_jax.text.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(root / "tokenizer")
+        t5 = load_t5_encoder(root / "text_encoder", param_dtype=param_dtype, dtype=dtype)
+        return cls(t5, None, tok, t5_max_length=int(max_sequence_length), batch_size=batch_size,
+                   t5_attention_mask=True, zero_pad=True, clean=wan_prompt_clean)
+
     def fingerprint(self) -> str:
         """sha256 over the encoders' configs and weight samples, the tokenizers and the lengths."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(f"t5_max_length={self.t5_max_length} clip_max_length={self.clip_max_length} "
                      f"t5_attention_mask={self.t5_attention_mask}\n".encode())
+            if self.zero_pad or self.clean is not None:  # (absent before: older caches stay valid)
+                h.update(f"zero_pad={self.zero_pad} clean={getattr(self.clean, '__qualname__', self.clean)}\n"
+                         .encode())
             _module_fingerprint(h, "t5", self.t5)
             _tokenizer_fingerprint(h, "t5_tokenizer", self.t5_tokenizer)
             if self.clip is not None:
@@ -171,6 +217,8 @@ class PromptEncoder:
         """``(t5_embeds (B, L, D), pooled (B, P) or None)`` as host arrays, plus the T5 tokens'
         attention mask (B, L) int32 when ``return_mask``."""
         prompts = _check_prompts(prompts, "PromptEncoder.encode")
+        if self.clean is not None:
+            prompts = [self.clean(p) for p in prompts]
         n, bs = len(prompts), self.batch_size
         t5_ids, t5_mask = tokenize(self.t5_tokenizer, prompts, self.t5_max_length)
         clip_ids = (tokenize(self.clip_tokenizer, prompts, self.clip_max_length)[0]

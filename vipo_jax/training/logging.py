@@ -38,12 +38,14 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Read metrics.jsonl; on resume, a later record of the same step replaces the earlier one."""
+    """Read metrics.jsonl, one merged record per step: the training metrics and the evaluation
+    metrics written at the same step are kept together; on resume, a later value of a key replaces
+    the earlier one."""
     by_step: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[rec["step"]] = rec
+            by_step.setdefault(rec["step"], {}).update(rec)
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -100,3 +102,42 @@ def plot_curves(records: list[dict], keys: list[str], path: str | os.PathLike, t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def video_grid(videos01: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile (n, T, h, w, 3) float videos in [0, 1] into uint8 (T, H, W, 3) grid frames (one
+    :func:`image_grid` per time step)."""
+    videos01 = np.asarray(videos01, dtype=np.float32)
+    if videos01.ndim != 5:
+        raise ValueError(f"videos must be (n, T, h, w, 3), got {videos01.shape}")
+    return np.stack([image_grid(videos01[:, t], cols=cols, pad=pad, scale=scale) for t in range(videos01.shape[1])])
+
+
+def save_gif(path: str | os.PathLike, frames_uint8: np.ndarray, fps: float = 8.0, scale: int = 1) -> None:
+    """An animated, endlessly looping GIF of (T, H, W, 3) uint8 frames (Pillow; nearest-neighbour
+    upscaling by ``scale``). GIF stores frame times in 1/100 s, so ``fps`` is rounded to that."""
+    from PIL import Image
+
+    frames = np.asarray(frames_uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    imgs = [Image.fromarray(f) for f in frames]
+    if scale > 1:
+        imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=max(10, int(round(1000.0 / fps))),
+                 loop=0, optimize=False, disposal=1)
+
+
+def save_samples(path_stem: str | os.PathLike, samples01: np.ndarray, cols: int | None = None, scale: int = 1,
+                 fps: float = 8.0) -> Path:
+    """A grid of evaluation samples: ``<stem>.png`` for images (n, h, w, 3), an animated
+    ``<stem>.gif`` for videos (n, T, h, w, 3). Returns the written path."""
+    samples01 = np.asarray(samples01)
+    stem = Path(path_stem)
+    if samples01.ndim == 5:
+        path = stem.with_name(stem.name + ".gif")
+        save_gif(path, video_grid(samples01, cols=cols), fps=fps, scale=scale)
+    else:
+        path = stem.with_name(stem.name + ".png")
+        save_png(path, image_grid(samples01, cols=cols), scale=scale)
+    return path
