@@ -126,7 +126,10 @@ def test_decode_is_causal(tiny):
 
 
 def test_scan_keeps_trace_size_constant(tiny):
-    """Chunks after the first run in one scan: the program does not grow with the clip length."""
+    """Chunks after the first run in one scan (beyond UNROLL_CHUNKS of them): the program does not
+    grow with the clip length."""
+    from vipo_jax.models.wan_vae.model import UNROLL_CHUNKS
+
     graphdef, state = nnx.split(tiny["model"])
 
     def size(fn, shape):
@@ -134,8 +137,23 @@ def test_scan_keeps_trace_size_constant(tiny):
             state, jax.ShapeDtypeStruct(shape, jnp.float32))
         return len(jaxpr.jaxpr.eqns)
 
-    assert size("decode", (1, 3, 4, 6, 16)) == size("decode", (1, 21, 4, 6, 16))
-    assert size("encode", (1, 9, 32, 48, 3)) == size("encode", (1, 81, 32, 48, 3))
+    n = UNROLL_CHUNKS + 2  # latent frames: first + UNROLL_CHUNKS + 1 chunks, scanned
+    assert size("decode", (1, n, 4, 6, 16)) == size("decode", (1, 21, 4, 6, 16))
+    assert size("encode", (1, 1 + 4 * (n - 1), 32, 48, 3)) == size("encode", (1, 81, 32, 48, 3))
+
+
+def test_unrolled_and_scanned_chunks_agree(tiny, monkeypatch):
+    """Short clips run their chunks as plain calls, long ones in a scan: the same numbers."""
+    from vipo_jax.models.wan_vae import model as wan_vae_model
+
+    z, video = tiny["z"][:, :3], tiny["video"][:, :9]
+    unrolled = _run(_decode, tiny["model"], z), _run(_encode, tiny["model"], video)[0]
+    monkeypatch.setattr(wan_vae_model, "UNROLL_CHUNKS", 0)
+    graphdef, state = nnx.split(tiny["model"])
+    scanned = (jax.jit(lambda s, x: nnx.merge(graphdef, s).decode(x))(state, z),
+               jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])(state, video))
+    for a, b in zip(unrolled, scanned):
+        assert_close(a, b, rel=1e-5, what="unrolled vs scanned chunks")
 
 
 def test_encode_needs_1_plus_4k_frames(tiny):

@@ -31,6 +31,7 @@ from vipo_jax.nn.attention import attention
 
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0  # diffusers' DiagonalGaussianDistribution clamp
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize
+UNROLL_CHUNKS = 4  # clips of at most this many chunks after the first are not scanned (see _run_chunks)
 CONTEXT = 2  # past frames a 3-tap causal convolution needs (diffusers' CACHE_T)
 
 
@@ -91,10 +92,31 @@ class Conv(nnx.Module):
         self.dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.strides, self.padding,
-            dimension_numbers=self.dimension_numbers)
+        x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        if w.ndim == 5 and jax.default_backend() == "cpu" and self.padding[0] == (0, 0):
+            y = _conv3d_as_2d(x, w, self.strides, self.padding[1:])
+        else:
+            y = jax.lax.conv_general_dilated(x, w, self.strides, self.padding,
+                                             dimension_numbers=self.dimension_numbers)
         return y + self.bias[...].astype(self.dtype)
+
+
+def _conv3d_as_2d(x: jax.Array, w: jax.Array, strides: tuple[int, ...],
+                  padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """A 3-d convolution (no time padding) as one 2-d convolution over every output frame's ``kt``
+    input frames stacked along channels: the same sums, and on CPU about ten times faster than
+    XLA's 3-d convolution (forward and gradient), which is what makes the video toy world trainable
+    on two cores. ``x`` (B, T, H, W, C), ``w`` (kt, kh, kw, C, O)."""
+    kt, kh, kw, c, o = w.shape
+    st = strides[0]
+    b, t = x.shape[:2]
+    t_out = (t - kt) // st + 1
+    frames = [x[:, j:j + st * (t_out - 1) + 1:st] for j in range(kt)]  # each (B, t_out, H, W, C)
+    xs = jnp.concatenate(frames, axis=-1) if kt > 1 else frames[0]
+    xs = xs.reshape((b * t_out,) + xs.shape[2:])
+    w2 = jnp.transpose(w, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o)  # channel index j * C + c
+    y = jax.lax.conv_general_dilated(xs, w2, strides[1:], padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape((b, t_out) + y.shape[1:])
 
 
 def _causal3(cin: int, cout: int, cfg: WanVAEConfig, rngs: nnx.Rngs) -> Conv:
@@ -292,13 +314,22 @@ class Decoder(nnx.Module):
 
 def _run_chunks(module: nnx.Module, x: jax.Array, chunk: int) -> jax.Array:
     """``module`` over frames ``x[:, :1]``, then ``x[:, 1:]`` in chunks of ``chunk`` frames (a scan
-    carrying the causal context), outputs concatenated along frames."""
+    carrying the causal context), outputs concatenated along frames. Up to ``UNROLL_CHUNKS`` chunks
+    run as plain calls instead: the same computation, and on CPU its gradient is about 7 times
+    faster than through the scan (what the video toy world's VAE pretraining needs)."""
     first_cache = ChunkCache()
     out = module(x[:, :1], first_cache)
     rest = x.shape[1] - 1
     if rest == 0:
         return out
     b = x.shape[0]
+    if rest // chunk <= UNROLL_CHUNKS:
+        outs, context = [out], first_cache.done()
+        for i in range(1, x.shape[1], chunk):
+            cache = ChunkCache(context)
+            outs.append(module(x[:, i:i + chunk], cache))
+            context = cache.done()
+        return jnp.concatenate(outs, axis=1)
     xs = jnp.moveaxis(x[:, 1:].reshape(b, rest // chunk, chunk, *x.shape[2:]), 1, 0)
     graphdef, state = nnx.split(module)
 
