@@ -28,6 +28,28 @@ DINO = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_rati
             patch_size=8, num_channels=3, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
             num_register_tokens=0, hidden_act="gelu", qkv_bias=True)
 
-DIT = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+DIT = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
            axes_dims_rope=(8, 12, 12))
+
+# --- the video toy world (vipo_jax/toy/video.py, python -m vipo_jax.toy.pretrain_video) -------------
+# 9 frames of 32x32 -> Wan VAE latents of 3 frames x 8x8 positions (4x in time and space). The Wan
+# DiT patchifies (3, 1, 1) (not Wan2.1's (1, 2, 2)): 64 video tokens, one per latent position with its
+# 3 latent frames, so a digit spans about 7 x 7 tokens as in the image toy world (with (1, 2, 2) it
+# spans 3.5 x 3.5 and the base model does not learn readable digits in the time budget); it
+# cross-attends to 8 text tokens.
+VIDEO_FRAMES = 9
+VIDEO_SIZE = 32
+
+WAN_VAE = dict(base_dim=8, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, attn_scales=(),
+               temperal_downsample=(True, True), scale_factor_temporal=4, scale_factor_spatial=4,
+               latents_mean=(0.0,) * 8, latents_std=(1.0,) * 8)
+
+# The text encoder in UMT5 mode (a relative-attention table per layer, as Wan2.1's UMT5-XXL).
+WAN_T5 = dict(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, relative_attention_max_distance=16,
+              feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, model_type="umt5")
+
+WAN_DIT = dict(patch_size=(3, 1, 1), num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8,
+               text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, eps=1e-6,
+               rope_max_seq_len=64)
