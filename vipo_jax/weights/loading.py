@@ -96,7 +96,11 @@ def abstract_params(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
 def load_into(abstract_model: nnx.Module, params: Mapping[str, Any], *, where: str = "checkpoint",
               sharding: ShardingFn | None = None) -> nnx.Module:
     """Fill an abstract model with ``params``; each leaf is cast to the model's dtype and placed
-    directly with its target sharding (no replicated full copy is made)."""
+    directly with its target sharding (no replicated full copy is made). A ``sharding`` with a
+    ``bind(abstract_model)`` method (``vipo_jax.sharding.LogicalSharding``) is bound to this model
+    first, so it can read the parameters' logical axis names."""
+    if sharding is not None and hasattr(sharding, "bind"):
+        sharding = sharding.bind(abstract_model)
     graphdef, state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(state))
     want = {".".join(str(p) for p in path) for path, _ in flat}
@@ -125,7 +129,12 @@ def load_into(abstract_model: nnx.Module, params: Mapping[str, Any], *, where: s
             raise CheckpointError(f"{name} in {where} has non-float dtype {value.dtype}")
         value = value.astype(abstract.dtype)
         target = sharding(name, jax.ShapeDtypeStruct(abstract.shape, abstract.dtype)) if sharding else None
-        arr = jax.device_put(value, target) if target is not None else jnp.asarray(value)
+        if target is None:
+            arr = jnp.asarray(value)
+        elif target.is_fully_addressable:
+            arr = jax.device_put(value, target)
+        else:  # multi-host: each process transfers only its own devices' slices
+            arr = jax.make_array_from_callback(value.shape, target, lambda idx, v=value: v[idx])
         leaves.append((path, var.replace(value=arr)))
     new_state = nnx.from_flat_state(leaves)
     return nnx.merge(graphdef, new_state)

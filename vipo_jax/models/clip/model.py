@@ -9,6 +9,7 @@ from flax import nnx
 from vipo_jax.models.clip.config import CLIPConfig
 from vipo_jax.models.clip.text import CLIPTextModel
 from vipo_jax.models.clip.vision import CLIPVisionModel
+from vipo_jax.nn.annotate import linear_init
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -27,9 +28,12 @@ class CLIPModel(nnx.Module):
         self.vision_model = CLIPVisionModel(cfg.vision_config, rngs=rngs)
         kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                   rngs=rngs)
-        self.text_projection = nnx.Linear(cfg.text_config.hidden_size, cfg.projection_dim, **kw)
-        self.visual_projection = nnx.Linear(cfg.vision_config.hidden_size, cfg.projection_dim, **kw)
-        self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init_value, jnp.dtype(cfg.param_dtype)))
+        self.text_projection = nnx.Linear(cfg.text_config.hidden_size, cfg.projection_dim, **kw,
+                                          **linear_init("embed", None))
+        self.visual_projection = nnx.Linear(cfg.vision_config.hidden_size, cfg.projection_dim, **kw,
+                                            **linear_init("embed", None))
+        self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init_value, jnp.dtype(cfg.param_dtype)),
+                                     out_sharding=())
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Projected pooled text features (not normalised), (batch, projection_dim)."""

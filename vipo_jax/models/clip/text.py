@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.models.clip.config import CLIPTextConfig
-from vipo_jax.models.clip.layers import layer_norm, make_layers, run_layers
+from vipo_jax.models.clip.layers import TOKENS, layer_norm, make_layers, run_layers
+from vipo_jax.nn.annotate import embed_init
+from vipo_jax.sharding.rules import constrain
 
 
 def pool_tokens(hidden: jax.Array, input_ids: jax.Array, cfg: CLIPTextConfig) -> jax.Array:
@@ -38,9 +40,10 @@ class CLIPTextModel(nnx.Module):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
-                                         param_dtype=pdt, rngs=rngs)
+                                         param_dtype=pdt, rngs=rngs, **embed_init("vocab", "embed"))
         self.position_embedding = nnx.Param(
-            0.01 * jax.random.normal(rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), pdt))
+            0.01 * jax.random.normal(rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), pdt),
+            out_sharding=(None, "embed"))
         self.layers = make_layers(cfg, rngs)
         self.final_layer_norm = layer_norm(cfg, rngs)
 
@@ -55,7 +58,7 @@ class CLIPTextModel(nnx.Module):
             raise ValueError(f"sequence length {n} > max_position_embeddings {cfg.max_position_embeddings}")
         dtype = jnp.dtype(cfg.dtype)
         x = self.token_embedding(input_ids).astype(dtype)
-        x = x + self.position_embedding[...][:n].astype(dtype)[None]
+        x = constrain(x + self.position_embedding[...][:n].astype(dtype)[None], TOKENS)
         mask = jnp.tril(jnp.ones((n, n), jnp.bool_))[None, None]
         if attention_mask is not None:
             mask = mask & (jnp.asarray(attention_mask) != 0)[:, None, None, :]

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.models.clip.config import CLIPVisionConfig
-from vipo_jax.models.clip.layers import layer_norm, make_layers, run_layers
+from vipo_jax.models.clip.layers import TOKENS, layer_norm, make_layers, run_layers
+from vipo_jax.nn.annotate import conv_init
+from vipo_jax.sharding.rules import constrain
 
 
 class CLIPVisionModel(nnx.Module):
@@ -28,10 +30,11 @@ class CLIPVisionModel(nnx.Module):
         p = cfg.patch_size
         self.patch_embedding = nnx.Conv(cfg.num_channels, d, kernel_size=(p, p), strides=(p, p),
                                         padding="VALID", use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                                        param_dtype=pdt, rngs=rngs)
-        self.class_embedding = nnx.Param(d**-0.5 * jax.random.normal(rngs.params(), (d,), pdt))
+                                        param_dtype=pdt, rngs=rngs, **conv_init())
+        self.class_embedding = nnx.Param(d**-0.5 * jax.random.normal(rngs.params(), (d,), pdt),
+                                         out_sharding=("embed",))
         self.position_embedding = nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), pdt))
+            0.02 * jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), pdt), out_sharding=(None, "embed"))
         self.pre_layrnorm = layer_norm(cfg, rngs)
         self.layers = make_layers(cfg, rngs)
         self.post_layernorm = layer_norm(cfg, rngs)
@@ -48,6 +51,6 @@ class CLIPVisionModel(nnx.Module):
         x = x.reshape(b, -1, cfg.hidden_size)  # row-major patches, like torch flatten(2)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dtype)[None]
-        x = self.pre_layrnorm(x)
+        x = constrain(self.pre_layrnorm(x), TOKENS)
         x = run_layers(self.layers, x, None, cfg)
         return x, self.post_layernorm(x[:, 0])

@@ -16,13 +16,18 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.models.dinov2.config import Dinov2Config
+from vipo_jax.nn.annotate import conv_init, linear_init, norm_init
 from vipo_jax.nn.attention import attention
 from vipo_jax.nn.stack import make_stack, scan_stack
+from vipo_jax.sharding.rules import constrain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_TOKENS = ("batch", "length", "act_embed")
+_HEADS = ("batch", "length", "act_heads", None)
+_HIDDEN = ("batch", "length", "act_mlp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def _norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
 
 def _layer_norm(cfg: Dinov2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
-                         param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+                         param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, **norm_init())
 
 
 class Dinov2Embeddings(nnx.Module):
@@ -121,14 +126,16 @@ class Dinov2Embeddings(nnx.Module):
         init = nnx.initializers.truncated_normal(0.02)
         self.patch_embeddings = nnx.Conv(cfg.num_channels, d, kernel_size=(cfg.patch_size, cfg.patch_size),
                                          strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
-                                         param_dtype=pd, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), pd))
+                                         param_dtype=pd, dtype=jnp.dtype(cfg.dtype), rngs=rngs, **conv_init())
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), pd), out_sharding=(None, None, "embed"))
         if cfg.use_mask_token:
             # only used in masked pre-training; kept so that checkpoints load strictly
-            self.mask_token = nnx.Param(jnp.zeros((1, d), pd))
+            self.mask_token = nnx.Param(jnp.zeros((1, d), pd), out_sharding=(None, "embed"))
         if cfg.num_register_tokens:
-            self.register_tokens = nnx.Param(init(rngs.params(), (1, cfg.num_register_tokens, d), pd))
-        self.position_embeddings = nnx.Param(init(rngs.params(), (1, cfg.num_positions + 1, d), pd))
+            self.register_tokens = nnx.Param(init(rngs.params(), (1, cfg.num_register_tokens, d), pd),
+                                             out_sharding=(None, None, "embed"))
+        self.position_embeddings = nnx.Param(init(rngs.params(), (1, cfg.num_positions + 1, d), pd),
+                                             out_sharding=(None, None, "embed"))
 
     def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
         """(1, 1 + h * w, D) position embeddings for a patch grid, resized from the learned square
@@ -158,7 +165,7 @@ class Dinov2Embeddings(nnx.Module):
             reg = jnp.broadcast_to(self.register_tokens[...].astype(dt),
                                    (b, cfg.num_register_tokens, cfg.hidden_size))
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
-        return x
+        return constrain(x, _TOKENS)
 
 
 class Dinov2Attention(nnx.Module):
@@ -166,15 +173,15 @@ class Dinov2Attention(nnx.Module):
         self.cfg = cfg
         d, pd, dt = cfg.hidden_size, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         lin = functools.partial(nnx.Linear, d, d, param_dtype=pd, dtype=dt, rngs=rngs)
-        self.query = lin(use_bias=cfg.qkv_bias)
-        self.key = lin(use_bias=cfg.qkv_bias)
-        self.value = lin(use_bias=cfg.qkv_bias)
-        self.output = lin(use_bias=True)
+        self.query = lin(use_bias=cfg.qkv_bias, **linear_init("embed", "heads"))
+        self.key = lin(use_bias=cfg.qkv_bias, **linear_init("embed", "heads"))
+        self.value = lin(use_bias=cfg.qkv_bias, **linear_init("embed", "heads"))
+        self.output = lin(use_bias=True, **linear_init("heads", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         shape = (b, n, self.cfg.num_attention_heads, self.cfg.head_dim)
-        q, k, v = (p(x).reshape(shape) for p in (self.query, self.key, self.value))
+        q, k, v = (constrain(p(x).reshape(shape), _HEADS) for p in (self.query, self.key, self.value))
         o = attention(q, k, v, implementation=self.cfg.attention)
         return self.output(o.reshape(b, n, self.cfg.hidden_size))
 
@@ -183,11 +190,11 @@ class Dinov2MLP(nnx.Module):
     def __init__(self, cfg: Dinov2Config, *, rngs: nnx.Rngs):
         self.hidden_act = cfg.hidden_act
         kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.mlp_hidden, **kw)
-        self.fc2 = nnx.Linear(cfg.mlp_hidden, cfg.hidden_size, **kw)
+        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.mlp_hidden, **kw, **linear_init("embed", "mlp"))
+        self.fc2 = nnx.Linear(cfg.mlp_hidden, cfg.hidden_size, **kw, **linear_init("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(_activation(self.hidden_act)(self.fc1(x)))
+        return self.fc2(constrain(_activation(self.hidden_act)(self.fc1(x)), _HIDDEN))
 
 
 class Dinov2SwiGLU(nnx.Module):
@@ -195,12 +202,12 @@ class Dinov2SwiGLU(nnx.Module):
 
     def __init__(self, cfg: Dinov2Config, *, rngs: nnx.Rngs):
         kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.weights_in = nnx.Linear(cfg.hidden_size, 2 * cfg.mlp_hidden, **kw)
-        self.weights_out = nnx.Linear(cfg.mlp_hidden, cfg.hidden_size, **kw)
+        self.weights_in = nnx.Linear(cfg.hidden_size, 2 * cfg.mlp_hidden, **kw, **linear_init("embed", "mlp"))
+        self.weights_out = nnx.Linear(cfg.mlp_hidden, cfg.hidden_size, **kw, **linear_init("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = jnp.split(self.weights_in(x), 2, axis=-1)
-        return self.weights_out(jax.nn.silu(gate) * up)
+        return self.weights_out(constrain(jax.nn.silu(gate) * up, _HIDDEN))
 
 
 class Dinov2Layer(nnx.Module):
@@ -208,14 +215,15 @@ class Dinov2Layer(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.norm1 = _layer_norm(cfg, rngs)
         self.attention = Dinov2Attention(cfg, rngs=rngs)
-        self.layer_scale1 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, pd))
+        self.layer_scale1 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, pd), out_sharding=("norm",))
         self.norm2 = _layer_norm(cfg, rngs)
         self.mlp = Dinov2SwiGLU(cfg, rngs=rngs) if cfg.use_swiglu_ffn else Dinov2MLP(cfg, rngs=rngs)
-        self.layer_scale2 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, pd))
+        self.layer_scale2 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, pd), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, _TOKENS)
         x = x + self.attention(_norm(self.norm1, x)) * self.layer_scale1[...].astype(x.dtype)
-        return x + self.mlp(_norm(self.norm2, x)) * self.layer_scale2[...].astype(x.dtype)
+        return constrain(x + self.mlp(_norm(self.norm2, x)) * self.layer_scale2[...].astype(x.dtype), _TOKENS)
 
 
 class Dinov2Model(nnx.Module):

@@ -25,15 +25,24 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.models.flux.config import FluxConfig
+from vipo_jax.nn.annotate import linear_init
 from vipo_jax.nn.attention import attention
+from vipo_jax.nn.lora import Linear
 from vipo_jax.nn.stack import make_stack, scan_stack
+from vipo_jax.sharding.rules import constrain
 
 _EPS = 1e-6
 
 
-def _linear(cfg: FluxConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=True, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+_TOKENS = ("batch", "length", "act_embed")  # the residual streams (B, L, D)
+_HEADS = ("batch", "length", "act_heads", None)  # q, k, v (B, L, H, head_dim)
+_HIDDEN = ("batch", "length", "act_mlp")  # MLP hidden (B, L, F)
+
+
+def _linear(cfg: FluxConfig, n_in: int, n_out: int, rngs: nnx.Rngs, names: tuple) -> Linear:
+    """``names``: the logical axis names of the kernel (in, out) (docs/PORTING.md)."""
+    return Linear(n_in, n_out, use_bias=True, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, **linear_init(*names))
 
 
 def _layer_norm(x: jax.Array) -> jax.Array:
@@ -58,7 +67,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm over the last axis with a learned scale (``torch.nn.RMSNorm``, eps 1e-6), in float32."""
 
     def __init__(self, dim: int, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -70,8 +79,8 @@ class MLPEmbedder(nnx.Module):
     """linear_1 -> SiLU -> linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
 
     def __init__(self, cfg: FluxConfig, n_in: int, dim: int, rngs: nnx.Rngs):
-        self.linear_1 = _linear(cfg, n_in, dim, rngs)
-        self.linear_2 = _linear(cfg, dim, dim, rngs)
+        self.linear_1 = _linear(cfg, n_in, dim, rngs, (None, "mlp"))
+        self.linear_2 = _linear(cfg, dim, dim, rngs, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -81,11 +90,12 @@ class FeedForward(nnx.Module):
     """dim -> 4 dim -> GELU(tanh) -> dim."""
 
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
-        self.linear_in = _linear(cfg, cfg.inner_dim, cfg.mlp_hidden_dim, rngs)
-        self.linear_out = _linear(cfg, cfg.mlp_hidden_dim, cfg.inner_dim, rngs)
+        self.linear_in = _linear(cfg, cfg.inner_dim, cfg.mlp_hidden_dim, rngs, ("embed", "mlp"))
+        self.linear_out = _linear(cfg, cfg.mlp_hidden_dim, cfg.inner_dim, rngs, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_out(jax.nn.gelu(self.linear_in(x), approximate=True))
+        h = constrain(jax.nn.gelu(self.linear_in(x), approximate=True), _HIDDEN)
+        return self.linear_out(h)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -126,7 +136,7 @@ class QKVProjection(nnx.Module):
     """Fused q, k, v projection followed by per-head RMS q/k norms."""
 
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
-        self.qkv = _linear(cfg, cfg.inner_dim, 3 * cfg.inner_dim, rngs)
+        self.qkv = _linear(cfg, cfg.inner_dim, 3 * cfg.inner_dim, rngs, ("embed", "heads"))
         self.norm_q = RMSNorm(cfg.attention_head_dim, jnp.dtype(cfg.param_dtype))
         self.norm_k = RMSNorm(cfg.attention_head_dim, jnp.dtype(cfg.param_dtype))
         self.heads = cfg.num_attention_heads
@@ -135,7 +145,7 @@ class QKVProjection(nnx.Module):
     def __call__(self, x: jax.Array):
         qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.heads, self.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        return self.norm_q(q), self.norm_k(k), v
+        return constrain(self.norm_q(q), _HEADS), constrain(self.norm_k(k), _HEADS), constrain(v, _HEADS)
 
 
 def _attend(cfg: FluxConfig, q, k, v, cos, sin) -> jax.Array:
@@ -154,17 +164,17 @@ class DoubleStreamBlock(nnx.Module):
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
         d = cfg.inner_dim
         self.cfg = cfg
-        self.img_mod = _linear(cfg, d, 6 * d, rngs)
-        self.txt_mod = _linear(cfg, d, 6 * d, rngs)
+        self.img_mod = _linear(cfg, d, 6 * d, rngs, ("embed", "mlp"))
+        self.txt_mod = _linear(cfg, d, 6 * d, rngs, ("embed", "mlp"))
         self.img_attn = QKVProjection(cfg, rngs)
         self.txt_attn = QKVProjection(cfg, rngs)
-        self.img_attn_out = _linear(cfg, d, d, rngs)
-        self.txt_attn_out = _linear(cfg, d, d, rngs)
+        self.img_attn_out = _linear(cfg, d, d, rngs, ("heads", "embed"))
+        self.txt_attn_out = _linear(cfg, d, d, rngs, ("heads", "embed"))
         self.img_mlp = FeedForward(cfg, rngs)
         self.txt_mlp = FeedForward(cfg, rngs)
 
     def __call__(self, carry, vec, cos, sin):
-        txt, img = carry
+        txt, img = constrain(carry[0], _TOKENS), constrain(carry[1], _TOKENS)
         dtype = jnp.dtype(self.cfg.dtype)
         n_txt = txt.shape[1]
         i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = jnp.split(self.img_mod(vec), 6, axis=-1)
@@ -182,7 +192,7 @@ class DoubleStreamBlock(nnx.Module):
         img = img + _gate(self.img_mlp(_modulate(img, i_shift2, i_scale2, dtype)), i_gate2)
         txt = txt + _gate(self.txt_attn_out(txt_attn), t_gate)
         txt = txt + _gate(self.txt_mlp(_modulate(txt, t_shift2, t_scale2, dtype)), t_gate2)
-        return txt, img
+        return constrain(txt, _TOKENS), constrain(img, _TOKENS)
 
 
 class SingleStreamBlock(nnx.Module):
@@ -192,9 +202,9 @@ class SingleStreamBlock(nnx.Module):
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
         d = cfg.inner_dim
         self.cfg = cfg
-        self.modulation = _linear(cfg, d, 3 * d, rngs)
-        self.linear1 = _linear(cfg, d, 3 * d + cfg.mlp_hidden_dim, rngs)
-        self.linear2 = _linear(cfg, d + cfg.mlp_hidden_dim, d, rngs)
+        self.modulation = _linear(cfg, d, 3 * d, rngs, ("embed", "mlp"))
+        self.linear1 = _linear(cfg, d, 3 * d + cfg.mlp_hidden_dim, rngs, ("embed", "mlp"))
+        self.linear2 = _linear(cfg, d + cfg.mlp_hidden_dim, d, rngs, ("mlp", "embed"))
         self.norm_q = RMSNorm(cfg.attention_head_dim, jnp.dtype(cfg.param_dtype))
         self.norm_k = RMSNorm(cfg.attention_head_dim, jnp.dtype(cfg.param_dtype))
 
@@ -202,15 +212,16 @@ class SingleStreamBlock(nnx.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.inner_dim
+        x = constrain(x, _TOKENS)
         shift, scale, gate = jnp.split(self.modulation(vec), 3, axis=-1)
-        h = self.linear1(_modulate(x, shift, scale, dtype))
+        h = constrain(self.linear1(_modulate(x, shift, scale, dtype)), _HIDDEN)
         qkv = h[..., : 3 * d].reshape(*x.shape[:2], 3, cfg.num_attention_heads, cfg.attention_head_dim)
-        mlp = jax.nn.gelu(h[..., 3 * d :], approximate=True)
-        q = self.norm_q(qkv[:, :, 0])
-        k = self.norm_k(qkv[:, :, 1])
-        attn = _attend(cfg, q, k, qkv[:, :, 2], cos, sin)
+        mlp = constrain(jax.nn.gelu(h[..., 3 * d :], approximate=True), _HIDDEN)
+        q = constrain(self.norm_q(qkv[:, :, 0]), _HEADS)
+        k = constrain(self.norm_k(qkv[:, :, 1]), _HEADS)
+        attn = _attend(cfg, q, k, constrain(qkv[:, :, 2], _HEADS), cos, sin)
         out = self.linear2(jnp.concatenate([attn, mlp.astype(dtype)], axis=-1))
-        return x + _gate(out, gate)
+        return constrain(x + _gate(out, gate), _TOKENS)
 
 
 class TimeTextEmbedding(nnx.Module):
@@ -236,7 +247,7 @@ class AdaNormOut(nnx.Module):
     """diffusers ``AdaLayerNormContinuous`` (no affine, eps 1e-6): ``scale, shift`` order."""
 
     def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
-        self.linear = _linear(cfg, cfg.inner_dim, 2 * cfg.inner_dim, rngs)
+        self.linear = _linear(cfg, cfg.inner_dim, 2 * cfg.inner_dim, rngs, ("embed", "mlp"))
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x, vec):
@@ -262,8 +273,8 @@ class FluxTransformer(nnx.Module):
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.inner_dim
-        self.x_embedder = _linear(cfg, cfg.in_channels, d, rngs)
-        self.context_embedder = _linear(cfg, cfg.joint_attention_dim, d, rngs)
+        self.x_embedder = _linear(cfg, cfg.in_channels, d, rngs, (None, "embed"))
+        self.context_embedder = _linear(cfg, cfg.joint_attention_dim, d, rngs, (None, "embed"))
         self.time_text_embed = TimeTextEmbedding(cfg, rngs)
         self.transformer_blocks = (
             make_stack(lambda r: DoubleStreamBlock(cfg, r), cfg.num_layers, rngs) if cfg.num_layers else None
@@ -273,7 +284,7 @@ class FluxTransformer(nnx.Module):
             if cfg.num_single_layers else None
         )
         self.norm_out = AdaNormOut(cfg, rngs)
-        self.proj_out = _linear(cfg, d, cfg.out_dim, rngs)
+        self.proj_out = _linear(cfg, d, cfg.out_dim, rngs, ("embed", None))
 
     def __call__(self, img, txt, pooled, timestep, img_ids, txt_ids, guidance=None):
         cfg = self.cfg
@@ -297,8 +308,8 @@ class FluxTransformer(nnx.Module):
         temb = self.time_text_embed(timestep, pooled, guidance)
         vec = jax.nn.silu(temb.astype(jnp.float32)).astype(dtype)
 
-        img = self.x_embedder(img)
-        txt = self.context_embedder(txt)
+        img = constrain(self.x_embedder(img), _TOKENS)
+        txt = constrain(self.context_embedder(txt), _TOKENS)
         t_ids, i_ids = ids3(txt_ids), ids3(img_ids)
         if t_ids.shape[0] != i_ids.shape[0]:  # one of them per-batch, the other shared
             t_ids = jnp.broadcast_to(t_ids, (batch, *t_ids.shape[1:]))

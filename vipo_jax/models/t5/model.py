@@ -15,8 +15,14 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.models.t5.config import T5Config
+from vipo_jax.nn.annotate import embed_init, linear_init
 from vipo_jax.nn.attention import attention
 from vipo_jax.nn.stack import make_stack, scan_stack
+from vipo_jax.sharding.rules import constrain
+
+_TOKENS = ("batch", "length", "act_embed")
+_HEADS = ("batch", "length", "act_heads", None)
+_HIDDEN = ("batch", "length", "act_mlp")
 
 _ACT = {
     "relu": jax.nn.relu,
@@ -60,7 +66,7 @@ class T5LayerNorm(nnx.Module):
     """RMS norm without mean subtraction or bias, computed in float32."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
         self.eps = eps
         self.dtype = dtype
 
@@ -74,21 +80,23 @@ class T5LayerNorm(nnx.Module):
 class T5Attention(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
-        self.q = lin(cfg.d_model, cfg.inner_dim)
-        self.k = lin(cfg.d_model, cfg.inner_dim)
-        self.v = lin(cfg.d_model, cfg.inner_dim)
-        self.o = lin(cfg.inner_dim, cfg.d_model)
+        def lin(i, o, names):
+            return nnx.Linear(i, o, use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, **linear_init(*names))
+
+        self.q = lin(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
+        self.k = lin(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
+        self.v = lin(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
+        self.o = lin(cfg.inner_dim, cfg.d_model, ("heads", "embed"))
         if cfg.per_layer_bias:
             self.relative_attention_bias = nnx.Embed(
                 cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=pd, dtype=jnp.float32,
-                rngs=rngs)
+                rngs=rngs, **embed_init(None, None))
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
         self.implementation = cfg.attention
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, bias: jax.Array) -> jax.Array:
         b, n, _ = x.shape
-        split = lambda t: t.reshape(b, n, self.heads, self.d_kv)
+        split = lambda t: constrain(t.reshape(b, n, self.heads, self.d_kv), _HEADS)
         out = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), mask=mask, bias=bias,
                         scale=1.0, implementation=self.implementation)
         return self.o(out.reshape(b, n, self.heads * self.d_kv))
@@ -97,19 +105,21 @@ class T5Attention(nnx.Module):
 class T5FeedForward(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+        def lin(i, o, names):
+            return nnx.Linear(i, o, use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, **linear_init(*names))
+
         if cfg.is_gated:
-            self.wi_0 = lin(cfg.d_model, cfg.d_ff)
-            self.wi_1 = lin(cfg.d_model, cfg.d_ff)
+            self.wi_0 = lin(cfg.d_model, cfg.d_ff, ("embed", "mlp"))
+            self.wi_1 = lin(cfg.d_model, cfg.d_ff, ("embed", "mlp"))
         else:
-            self.wi = lin(cfg.d_model, cfg.d_ff)
-        self.wo = lin(cfg.d_ff, cfg.d_model)
+            self.wi = lin(cfg.d_model, cfg.d_ff, ("embed", "mlp"))
+        self.wo = lin(cfg.d_ff, cfg.d_model, ("mlp", "embed"))
         self.gated = cfg.is_gated
         self.act = _ACT[cfg.activation]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h)
+        return self.wo(constrain(h, _HIDDEN))
 
 
 class T5Block(nnx.Module):
@@ -128,8 +138,9 @@ class T5Block(nnx.Module):
             bias = bias_from_table(self.attn.relative_attention_bias.embedding.get_value(), bias_or_buckets)
         else:
             bias = bias_or_buckets
+        x = constrain(x, _TOKENS)
         x = x + self.attn(self.attn_norm(x), mask, bias)
-        return x + self.ff(self.ff_norm(x))
+        return constrain(x + self.ff(self.ff_norm(x)), _TOKENS)
 
 
 class T5Encoder(nnx.Module):
@@ -138,18 +149,19 @@ class T5Encoder(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pd, dtype=dt, rngs=rngs)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pd, dtype=dt, rngs=rngs,
+                                      **embed_init("vocab", "embed"))
         if not cfg.per_layer_bias:
             self.relative_attention_bias = nnx.Embed(
                 cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=pd, dtype=jnp.float32,
-                rngs=rngs)
+                rngs=rngs, **embed_init(None, None))
         self.blocks = make_stack(lambda r: T5Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype=pd, dtype=dt)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         length = input_ids.shape[1]
-        x = self.embed_tokens(jnp.asarray(input_ids, jnp.int32))
+        x = constrain(self.embed_tokens(jnp.asarray(input_ids, jnp.int32)), _TOKENS)
         buckets = jnp.asarray(relative_position_buckets(
             length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance))
         if cfg.per_layer_bias:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.models.vae.config import AutoencoderKLConfig
+from vipo_jax.nn.annotate import conv_init, linear_init
 from vipo_jax.nn.attention import attention
 from vipo_jax.nn.stack import remat_policy
 
@@ -27,8 +28,8 @@ class GroupNorm(nnx.Module):
     def __init__(self, channels: int, groups: int, cfg: AutoencoderKLConfig):
         self.groups = groups
         self.dtype = jnp.dtype(cfg.dtype)
-        self.scale = nnx.Param(jnp.ones((channels,), jnp.dtype(cfg.param_dtype)))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.dtype(cfg.param_dtype)))
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         *lead, c = x.shape
@@ -47,12 +48,12 @@ def _conv(cin: int, cout: int, kernel: int, cfg: AutoencoderKLConfig, rngs: nnx.
         padding = ((kernel // 2, kernel // 2),) * 2
     return nnx.Conv(cin, cout, kernel_size=(kernel, kernel), strides=(stride, stride), padding=padding,
                     use_bias=True, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                    rngs=rngs)
+                    rngs=rngs, **conv_init())
 
 
-def _linear(cin: int, cout: int, cfg: AutoencoderKLConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(cin: int, cout: int, cfg: AutoencoderKLConfig, rngs: nnx.Rngs, names: tuple) -> nnx.Linear:
     return nnx.Linear(cin, cout, use_bias=True, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, **linear_init(*names))
 
 
 class ResnetBlock(nnx.Module):
@@ -80,10 +81,10 @@ class AttentionBlock(nnx.Module):
     def __init__(self, channels: int, cfg: AutoencoderKLConfig, rngs: nnx.Rngs):
         self.implementation = cfg.attention
         self.group_norm = GroupNorm(channels, cfg.norm_num_groups, cfg)
-        self.to_q = _linear(channels, channels, cfg, rngs)
-        self.to_k = _linear(channels, channels, cfg, rngs)
-        self.to_v = _linear(channels, channels, cfg, rngs)
-        self.to_out = _linear(channels, channels, cfg, rngs)
+        self.to_q = _linear(channels, channels, cfg, rngs, ("embed", "heads"))
+        self.to_k = _linear(channels, channels, cfg, rngs, ("embed", "heads"))
+        self.to_v = _linear(channels, channels, cfg, rngs, ("embed", "heads"))
+        self.to_out = _linear(channels, channels, cfg, rngs, ("heads", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape

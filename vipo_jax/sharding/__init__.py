@@ -1,0 +1,61 @@
+"""Sharding: one mesh (``data, fsdp, context, tensor``), logical axis rules from the config, and
+multi-host start-up. See docs/ARCHITECTURE.md ("Sharding") and docs/PORTING.md for the names."""
+
+from vipo_jax.sharding.distributed import (
+    any_process,
+    batch_sharding,
+    distributed_args,
+    fetch,
+    global_batch,
+    initialize_distributed,
+    is_main_process,
+    place,
+    replicated,
+    to_global,
+)
+from vipo_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape, single_device_mesh
+from vipo_jax.sharding.rules import (
+    DEFAULT_RULES,
+    LogicalSharding,
+    Rules,
+    activate,
+    constrain,
+    constrain_batch,
+    current_rules,
+    logical_to_spec,
+    make_rules,
+    named_sharding,
+    param_shardings,
+    rules_from_config,
+    use_rules,
+)
+
+__all__ = [
+    "any_process",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "LogicalSharding",
+    "Rules",
+    "activate",
+    "batch_sharding",
+    "constrain",
+    "constrain_batch",
+    "current_rules",
+    "distributed_args",
+    "fetch",
+    "global_batch",
+    "initialize_distributed",
+    "is_main_process",
+    "logical_to_spec",
+    "make_mesh",
+    "make_rules",
+    "mesh_shape",
+    "named_sharding",
+    "param_shardings",
+    "place",
+    "replicated",
+    "rules_from_config",
+    "single_device_mesh",
+    "to_global",
+    "use_rules",
+]
