@@ -101,10 +101,9 @@ def convert_open_clip_checkpoint(src: str | Path, dst: str | Path, *, model: str
     ``dst.with_suffix(".json")`` (our CLIPConfig). ``model``: a name in
     ``vipo_jax.models.clip.OPEN_CLIP_CONFIGS``; ``config``: an open_clip model config (dict or
     json path). Returns the path of the written config."""
-    from flax import nnx
 
     from vipo_jax.models.clip import CLIPModel, config_from_open_clip, convert_open_clip
-    from vipo_jax.weights.loading import abstract_params
+    from vipo_jax.weights.loading import abstract_model, abstract_params
     from vipo_jax.weights.safetensors_io import save_safetensors
 
     src, dst = Path(src), Path(dst)
@@ -114,7 +113,7 @@ def convert_open_clip_checkpoint(src: str | Path, dst: str | Path, *, model: str
     tensors = load_torch_state_dict(src)
     # Validate before writing: every key used, every shape right.
     params = convert_open_clip(tensors, cfg, where=str(src))
-    want = abstract_params(nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0))))
+    want = abstract_params(abstract_model(CLIPModel, cfg))
     for name, spec in want.items():
         if tuple(np.shape(params[name])) != tuple(spec.shape):
             raise CheckpointError(f"shape mismatch for {name} from {src}: checkpoint has "

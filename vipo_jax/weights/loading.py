@@ -93,6 +93,13 @@ def abstract_params(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
     return out
 
 
+def abstract_model(model_cls: Any, cfg: Any) -> nnx.Module:
+    """``nnx.eval_shape`` of ``model_cls(cfg)`` outside any mesh: under one (``jax.set_mesh``), flax
+    would read the parameters' logical axis names as mesh axes. Placement is :func:`load_into`'s job."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+
+
 def load_into(abstract_model: nnx.Module, params: Mapping[str, Any], *, where: str = "checkpoint",
               sharding: ShardingFn | None = None) -> nnx.Module:
     """Fill an abstract model with ``params``; each leaf is cast to the model's dtype and placed

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError
-from vipo_jax.weights.loading import ShardingFn, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
 
 
@@ -56,7 +56,7 @@ def load_native(folder: str | os.PathLike, kind: str, config_cls: type, model_cl
     else:
         names = {f.name for f in dataclasses.fields(config_cls)}
         cfg = config_cls(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cls, cfg)
     tensors = open_checkpoint(folder, stem="model")
     model = load_into(abstract, tensors, where=str(Path(folder) / "model.safetensors"), sharding=sharding)
     return model

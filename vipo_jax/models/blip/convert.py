@@ -26,7 +26,7 @@ import numpy as np
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.blip.config import BlipTextConfig, BlipVisionConfig, ImageRewardConfig
-from vipo_jax.weights.loading import SourceKeys, conv, linear
+from vipo_jax.weights.loading import SourceKeys, abstract_model, conv, linear
 
 Params = dict[str, np.ndarray]
 
@@ -192,7 +192,6 @@ def convert_image_reward_checkpoint(src: str | os.PathLike, out_dir: str | os.Pa
     and dtypes unchanged) + ``out_dir/config.json`` (our :class:`ImageRewardConfig`). Every key and
     shape is checked before anything is written. Needs torch (to read the pickle). Returns
     ``out_dir``; :func:`vipo_jax.models.blip.load_image_reward` loads it."""
-    from flax import nnx
 
     from vipo_jax.convert import load_torch_state_dict
     from vipo_jax.models.blip.model import ImageRewardModel
@@ -206,7 +205,7 @@ def convert_image_reward_checkpoint(src: str | os.PathLike, out_dir: str | os.Pa
     tensors = load_torch_state_dict(src)
     check_image_reward_keys(tensors.keys(), str(src))
     params = convert_image_reward(tensors, cfg, where=str(src))
-    want = abstract_params(nnx.eval_shape(lambda: ImageRewardModel(cfg, rngs=nnx.Rngs(0))))
+    want = abstract_params(abstract_model(ImageRewardModel, cfg))
     for name, spec in want.items():
         if tuple(np.shape(params[name])) != tuple(spec.shape):
             raise CheckpointError(f"shape mismatch for {name} from {src}: checkpoint has "

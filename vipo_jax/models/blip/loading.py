@@ -6,13 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.blip.config import ImageRewardConfig
 from vipo_jax.models.blip.convert import convert_image_reward
 from vipo_jax.models.blip.model import ImageRewardModel
-from vipo_jax.weights.loading import ShardingFn, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -30,5 +28,5 @@ def load_image_reward(folder: str | os.PathLike, *, param_dtype: Any = None, dty
         overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
     cfg = ImageRewardConfig.from_pretrained(folder, **overrides)
     params = convert_image_reward(open_checkpoint(folder, "model"), cfg, where=str(folder))
-    abstract = nnx.eval_shape(lambda: ImageRewardModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(ImageRewardModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)

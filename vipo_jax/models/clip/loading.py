@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from vipo_jax.errors import CheckpointError, ConfigError
 from vipo_jax.models.clip.config import (
     OPEN_CLIP_CONFIGS,
@@ -21,7 +19,7 @@ from vipo_jax.models.clip.convert import convert_hf, convert_open_clip, detect_l
 from vipo_jax.models.clip.model import CLIPModel
 from vipo_jax.models.clip.text import CLIPTextModel
 from vipo_jax.models.clip.vision import CLIPVisionModel
-from vipo_jax.weights.loading import ShardingFn, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 LAYOUTS = ("hf", "open_clip")
@@ -88,7 +86,7 @@ def load_clip(path_or_file: str | os.PathLike, *, layout: str | None = None, con
     layout = layout or detect_layout(tensors.keys())
     where = str(path)
     params = (convert_open_clip if layout == "open_clip" else convert_hf)(tensors, cfg, where)
-    abstract = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(CLIPModel, cfg)
     return load_into(abstract, params, where=where, sharding=sharding)
 
 
@@ -101,7 +99,7 @@ def load_clip_text(folder: str | os.PathLike, *, param_dtype: Any = None, dtype:
         raise CheckpointError(f"CLIP text encoder folder not found: {folder}")
     cfg = CLIPTextConfig.from_pretrained(folder, **_runtime(param_dtype, dtype, overrides))
     params = convert_hf(_open_folder(folder), cfg, str(folder))
-    abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(CLIPTextModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)
 
 
@@ -113,5 +111,5 @@ def load_clip_vision(folder: str | os.PathLike, *, param_dtype: Any = None, dtyp
         raise CheckpointError(f"CLIP vision encoder folder not found: {folder}")
     cfg = CLIPVisionConfig.from_pretrained(folder, **_runtime(param_dtype, dtype, overrides))
     params = convert_hf(_open_folder(folder), cfg, str(folder))
-    abstract = nnx.eval_shape(lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(CLIPVisionModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.dinov2.config import Dinov2Config
 from vipo_jax.models.dinov2.model import Dinov2Model
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, check_float_dtype, conv, linear, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, check_float_dtype, conv, linear, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 # heads of task models (Dinov2ForImageClassification, backbones) are stripped to the base model
@@ -122,7 +121,7 @@ def load_dinov2(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
     if dtype is not None:
         overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
     cfg = Dinov2Config.from_pretrained(path, **overrides)
-    abstract = nnx.eval_shape(lambda: Dinov2Model(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(Dinov2Model, cfg)
     tensors = _strip_prefix(open_checkpoint(path, stem="model"))
     params = convert_hf(SourceKeys(tensors, where=str(path)), cfg)
     return load_into(abstract, params, where=str(path), sharding=sharding)

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.flux.config import FluxConfig, preset
 from vipo_jax.models.flux.dit import FluxTransformer
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, linear, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, linear, load_into
 from vipo_jax.weights.safetensors_io import SafetensorsFile, open_checkpoint
 
 Params = dict[str, np.ndarray]
@@ -259,7 +258,7 @@ def load_flux_transformer(path: str | Path, *, param_dtype: str | None = None, d
     else:
         raise CheckpointError(f"FLUX checkpoint not found: {path}")
 
-    abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(FluxTransformer, cfg)
     return load_into(abstract, params, where=str(path), sharding=sharding)
 
 

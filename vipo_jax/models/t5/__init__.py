@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from vipo_jax.models.t5.config import T5Config
 from vipo_jax.models.t5.convert import convert_hf
 from vipo_jax.models.t5.model import T5Encoder
-from vipo_jax.weights.loading import ShardingFn, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -25,7 +23,7 @@ def load_t5_encoder(folder: str | Path, *, param_dtype: Any = None, dtype: Any =
     if dtype is not None:
         overrides["dtype"] = str(check_float_dtype(dtype, "T5 dtype"))
     cfg = T5Config.from_pretrained(folder, **overrides)
-    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(T5Encoder, cfg)
     has_model = any(folder.glob("model.safetensors*"))  # transformers' name; else the only checkpoint
     tensors = open_checkpoint(folder, "model" if has_model else None)
     params = convert_hf(tensors, cfg, where=str(folder))

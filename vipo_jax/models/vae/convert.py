@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.vae.config import AutoencoderKLConfig
 from vipo_jax.models.vae.model import AutoencoderKL
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_params, conv, linear, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, abstract_params, conv, linear, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 Plan = list[tuple[str, str, str]]  # (our module path, checkpoint module prefix, "conv"|"norm"|"linear")
@@ -225,7 +224,7 @@ def load_vae(path: str | Path, *, config: AutoencoderKLConfig | Mapping[str, Any
 
     tensors = open_checkpoint(path, stem="diffusion_pytorch_model" if path.is_dir() else None)
     where = str(getattr(tensors, "path", path))
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(AutoencoderKL, cfg)
     expected = {k: v.shape for k, v in abstract_params(abstract).items()}
     if detect_layout(tensors.keys()) == "bfl":
         params = convert_bfl_ae(tensors, cfg, expected=expected, where=where)

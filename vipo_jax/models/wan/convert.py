@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.wan.config import WanConfig
 from vipo_jax.models.wan.transformer import WanTransformer
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, conv, linear, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, conv, linear, load_into
 from vipo_jax.weights.safetensors_io import SafetensorsFile, open_checkpoint
 
 # diffusers' WanTransformer3DModel._keys_to_ignore_on_load_unexpected: leftovers of older exports
@@ -155,5 +154,5 @@ def load_wan_transformer(path: str | Path, *, param_dtype: str | None = None, dt
     else:
         raise CheckpointError(f"Wan transformer checkpoint not found: {path}")
     params = convert_diffusers(tensors, cfg, where=str(path))
-    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(WanTransformer, cfg)
     return load_into(abstract, params, where=str(path), sharding=sharding)

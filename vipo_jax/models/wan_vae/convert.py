@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.wan_vae.config import WanVAEConfig
 from vipo_jax.models.wan_vae.model import WanVAE
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_params, conv, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, abstract_params, conv, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 Plan = list[tuple[str, str, str]]  # (our module path, checkpoint module prefix, "conv"|"norm"|"proj")
@@ -156,7 +155,7 @@ def load_wan_vae(path: str | Path, *, param_dtype: str | None = None, dtype: str
     cfg = WanVAEConfig.from_pretrained(folder, param_dtype=param_dtype, dtype=dtype, **overrides)
     tensors = open_checkpoint(ckpt, stem="diffusion_pytorch_model" if ckpt.is_dir() else None)
     where = str(getattr(tensors, "path", ckpt))
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(WanVAE, cfg)
     expected = {k: v.shape for k, v in abstract_params(abstract).items()}
     params = convert_diffusers(tensors, cfg, expected=expected, where=where)
     return load_into(abstract, params, where=where, sharding=sharding)
