@@ -91,11 +91,18 @@ def _common() -> mlc.ConfigDict:
     c.log.keep_checkpoints = 2
     c.log.tensorboard = True
 
+    # Device mesh (product = all devices of all processes; one axis may be -1 = the rest). Parameters
+    # and optimizer state are split over fsdp, samples over data x fsdp (vipo_jax/sharding).
     c.mesh = mlc.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     c.mesh.context = 1
     c.mesh.tensor = 1
+
+    c.sharding = mlc.ConfigDict()
+    # Overrides of the logical-axis -> mesh-axes rules, e.g. "embed=,mlp=fsdp,batch=data+fsdp"
+    # ("name=" replicates); empty: the defaults of vipo_jax.sharding.DEFAULT_RULES.
+    c.sharding.rules = ""
     return c
 
 

@@ -2,6 +2,11 @@
 
 Dotted overrides: ``--config.optim.lr=1e-5 --config.psm.enabled=False``. Re-running with the same
 ``--workdir`` resumes from its latest checkpoint.
+
+Several hosts: run the same command on every host with ``--distributed``; ``jax.distributed`` takes
+the coordinator (host:port), process count and process id from ``VIPO_COORDINATOR``,
+``VIPO_NUM_PROCESSES`` and ``VIPO_PROCESS_ID`` where set, and auto-detects them otherwise (TPU pods,
+SLURM). The mesh spans all hosts' devices (``--config.mesh.*``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from vipo_jax.errors import VipoError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, samples, checkpoints)")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize() from the "
+                                 "VIPO_COORDINATOR / VIPO_NUM_PROCESSES / VIPO_PROCESS_ID variables or auto-detection")
 
 
 def main(argv: list[str]) -> None:
@@ -27,16 +34,24 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
     workdir = _WORKDIR.value or "runs/default"
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from vipo_jax.training.run import train
-    from vipo_jax.utils.compile_cache import enable_compilation_cache
-
-    enable_compilation_cache()
     try:
+        if _DISTRIBUTED.value:  # before anything touches a device
+            from vipo_jax.sharding import initialize_distributed
+
+            initialize_distributed()
+        from vipo_jax.training.run import train
+        from vipo_jax.utils.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache()
         summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value)
     except VipoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     summary.pop("state", None)
+    import jax
+
+    if jax.process_index() != 0:
+        return
     print("summary:", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary.items()})
     print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, samples/, reward_curve.png, checkpoints/")
 

@@ -9,6 +9,12 @@ training go through the same function (``rl.sde.transition_logprob``) at the sam
 shape; the first update takes its old log-probs from its own pass (the parameters are the
 rollout's), so the importance ratio is exactly 1 there by construction, and the float32 gap to the
 rollout's values is logged (``logp/rollout_gap``).
+
+Sharding: the function is mesh-agnostic. Jit it with :func:`jit_train_step` (shardings from
+``vipo_jax.sharding``) and trace/call it inside ``vipo_jax.sharding.activate(mesh, rules)``; the
+per-sample arrays are then constrained to the ``batch`` axes (``data x fsdp``), so a group's G
+samples may live on different devices: group statistics are reductions over global arrays and
+stay exact.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from vipo_jax import rl
+from vipo_jax.sharding.rules import constrain, constrain_batch
 
 Array = jax.Array
 
@@ -58,16 +65,32 @@ class StepConfig:
                              normalize_mean=self.psm_normalize_mean)
 
 
+def split_micro_batches(a: Array, n: int, axis: int = 0) -> Array:
+    """Axis ``axis`` of ``a`` (B samples) -> ``(n, B // n)``: micro-batch ``j`` holds samples
+    ``j, j + n, j + 2n, ...``. Strided rather than contiguous, so that when the samples are split
+    over devices (the ``batch`` mesh axes) every device keeps its own samples: taking a
+    micro-batch never moves data between devices. Rollout and training use the same split."""
+    b = a.shape[axis]
+    a = a.reshape(a.shape[:axis] + (b // n, n) + a.shape[axis + 1:])
+    a = jnp.swapaxes(a, axis, axis + 1)
+    return constrain(a, (None,) * (axis + 1) + ("batch",) + (None,) * (a.ndim - axis - 2))
+
+
+def merge_micro_batches(a: Array, axis: int = 0) -> Array:
+    """Inverse of :func:`split_micro_batches`."""
+    a = jnp.swapaxes(a, axis, axis + 1)
+    return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
+
+
 def _chunked(fn: Callable, x_batch: int, mb: int):
     """Run ``fn(*batched_args)`` in micro-batches of ``mb`` along axis 0 (same shape every call)."""
     if mb in (0, x_batch):
         return fn
 
     def run(*args):
-        n = x_batch // mb
-        split = jax.tree.map(lambda a: a.reshape((n, mb) + a.shape[1:]), args)
-        out = jax.lax.map(lambda a: fn(*a), split)
-        return jax.tree.map(lambda a: a.reshape((x_batch,) + a.shape[2:]), out)
+        split = jax.tree.map(lambda a: split_micro_batches(a, x_batch // mb), args)
+        out = jax.lax.map(lambda a: fn(*constrain_batch(a)), split)
+        return constrain_batch(jax.tree.map(merge_micro_batches, out))
 
     return run
 
@@ -102,21 +125,22 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         B = P * G
         chunk = B // cfg.num_updates
         mb = cfg.micro_batch or chunk
-        cond = repeat_groups(batch["cond"], G)
+        cond = constrain_batch(repeat_groups(batch["cond"], G))
 
         # --- rollout (no gradient), in micro-batches of the training shape --------------------
         if cfg.init_same_noise:  # all G samples of a prompt start from the same noise
             x_init = rl.initial_noise(k_noise, P, G, latent_shape)
         else:
             x_init = jax.random.normal(k_noise, (B,) + tuple(latent_shape), jnp.float32)
+        x_init = constrain_batch(x_init)
         vel_mb = _chunked(lambda x, s, c: velocity_fn(params, x, s, c), B, mb)
         ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
         old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
 
         # --- decode, reward, PSM ---------------------------------------------------------------
-        images = decode_fn(frozen, ro["x0"])
-        per_sample = repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G)
+        images = constrain_batch(decode_fn(frozen, constrain_batch(ro["x0"])))
+        per_sample = constrain_batch(repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G))
         rewards = {name: fn(frozen, images, per_sample).astype(jnp.float32) for name, fn in reward_fns.items()}
         if cfg.psm_enabled and feature_fn is not None:
             feats = feature_fn(frozen, images)
@@ -137,22 +161,38 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         # --- which transitions each sample trains -------------------------------------------------
         ts = rl.sample_train_timesteps(k_ts, B, S, cfg.timestep_fraction)  # (B, K)
 
-        def item_loss(p, k, idx, first_update):
-            """Loss of the samples ``idx`` at their k-th trained transition (one (mb,) batch)."""
-            t = ts[idx, k]
-            c = jax.tree.map(lambda a: a[idx], cond)
-            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(p, x, s, cc), latents[t, idx],
-                                   latents[t + 1, idx], sigmas[t], sigmas[t + 1], cfg.eta, c)
+        # Per-sample arrays as the J = B / mb micro-batches of the rollout, (J, mb, ...) with the mb
+        # axis on the batch mesh axes: taking micro-batch j indexes an unsplit axis (no communication).
+        n_j = B // mb
+
+        def by_mb(a, axis=0):
+            return split_micro_batches(a, n_j, axis)
+
+        ts_j, cond_j, lat_j, old_j = by_mb(ts), jax.tree.map(by_mb, cond), by_mb(latents, 1), by_mb(old_logp, 1)
+        adv_j, amap_j = by_mb(adv, 1), None if amap is None else by_mb(amap)
+
+        def at_t(a, t):
+            """``a[t[i], i]`` for each sample i of a (T, mb, ...) micro-batch (a batch-parallel gather)."""
+            return jnp.take_along_axis(a, t.reshape((1, -1) + (1,) * (a.ndim - 2)), axis=0)[0]
+
+        def item_loss(p, k, j, first_update):
+            """Loss of micro-batch ``j`` at its samples' k-th trained transition."""
+            t = ts_j[j][:, k]
+            c = constrain_batch(jax.tree.map(lambda a: a[j], cond_j))
+            lat = lat_j[:, j]
+            x_t, x_next = constrain_batch((at_t(lat, t), at_t(lat, t + 1)))
+            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(p, x, s, cc), x_t, x_next,
+                                   sigmas[t], sigmas[t + 1], cfg.eta, c)
             # Before the first update the parameters are the rollout's, so the old log-prob is this
             # very value: the ratio is exactly 1 by construction. Later updates use the rollout's
             # log-probs; their float32 agreement with the recomputation is logged as rollout_gap.
-            rollout_lp = old_logp[t, idx]
+            rollout_lp = constrain_batch(at_t(old_j[:, j], t))
             gap = jnp.max(jnp.abs(rl.reduce_logprob(rollout_lp, cfg.logprob_reduction)
                                   - rl.reduce_logprob(jax.lax.stop_gradient(logp), cfg.logprob_reduction)))
             gap = jnp.where(first_update, gap, 0.0)  # later updates differ by the policy change itself
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), rollout_lp)
             loss, m = rl.policy_loss(
-                logp, logp_old, adv[:, idx], None if amap is None else amap[idx],
+                logp, logp_old, adv_j[:, j], None if amap_j is None else amap_j[j],
                 logprob_reduction=cfg.logprob_reduction, map_target=cfg.map_target,
                 clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, reward_coefs=coefs)
             aux = {"clip_fraction": m["clip_fraction"], "approx_kl": m["approx_kl"],
@@ -170,8 +210,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             def acc(c, km):
                 g_sum, l_sum, aux_acc = c
                 k, m = km // n_mb, km % n_mb
-                idx = u * chunk + m * mb + jnp.arange(mb)
-                (loss, aux), g = grad_fn(p, k, idx, u == 0)
+                (loss, aux), g = grad_fn(p, k, u * n_mb + m, u == 0)  # micro-batch m of update u
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
                 maxed = {k_: jnp.maximum(aux_acc[k_], aux.pop(k_)) for k_ in ("ratio_dev", "rollout_gap")}
                 aux_acc = {**jax.tree.map(jnp.add, {k_: aux_acc[k_] for k_ in aux}, aux), **maxed}
@@ -212,6 +251,19 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(step: Callable, *, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any,
+                   mesh: jax.sharding.Mesh) -> Callable:
+    """``jax.jit`` of a :func:`make_train_step` step with its in/out shardings and the state donated.
+
+    ``state_shardings`` / ``frozen_shardings``: ``vipo_jax.sharding.param_shardings`` of the
+    (abstract) state and frozen trees; ``batch_shardings``: of the global batch (per-prompt
+    arrays split on their leading axis). Metrics come back replicated. Trace and call it inside
+    ``vipo_jax.sharding.activate(mesh, rules)`` so the model's activation constraints apply."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shift: float):

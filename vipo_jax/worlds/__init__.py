@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def build_world(c) -> Any:
+def build_world(c, sharding: Any = None) -> Any:
+    """The world of ``c.model.family``. ``sharding`` (a ``load_into`` sharding function such as
+    ``vipo_jax.sharding.LogicalSharding(rules, mesh)``) places big checkpoints as they load."""
     if c.model.family == "flux":
         from vipo_jax.worlds.flux import build_flux_world
 
-        return build_flux_world(c)
+        return build_flux_world(c, sharding=sharding)
     from vipo_jax.errors import ConfigError
 
     raise ConfigError(f"--config.model.family={c.model.family!r}: only 'flux' is available")

@@ -23,6 +23,7 @@ from flax import nnx
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.training.step import StepConfig
 from vipo_jax.training.validate import reward_spec
+from vipo_jax.weights.loading import ShardingFn
 from vipo_jax.worlds.flux_policy import flux_velocity
 
 EVAL_SEED = 1234
@@ -78,6 +79,7 @@ class FluxWorld:
     guidance: float | None = None
     # prompts -> a per-prompt table like ``cond`` (conditioning and metric inputs), for evaluation
     encode: Callable[[list[str]], dict] | None = None
+    _jitted: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     # --- the pure callables of the train step ----------------------------------------------------
     def velocity_fn(self, params, x, sigma, cond):
@@ -117,9 +119,20 @@ class FluxWorld:
         return cond, noise, self.eval_prompts
 
     def eval_metrics(self, images: np.ndarray, prompts: list[str]) -> dict:
-        batch = {k: jnp.asarray(v) for k, v in self.eval_cond.items()}
-        return {name: float(jnp.mean(fn(self.frozen, jnp.asarray(images), batch)))
-                for name, fn in self.eval_fns.items()}
+        """Mean of every eval metric over host ``images``: jitted, with the inputs replicated on the
+        current mesh (``jax.set_mesh``), so it runs next to sharded frozen models on any host count."""
+        from vipo_jax.sharding import fetch, place, replicated
+
+        batch = {k: np.asarray(v) for k, v in self.eval_cond.items() if k not in ("t5", "pooled")}
+        args = (np.asarray(images, np.float32), batch)
+        mesh = jax.sharding.get_mesh()
+        if not mesh.empty:
+            args = place(args, jax.tree.map(lambda _: replicated(mesh), args))
+        if "eval" not in self._jitted:
+            fns = self.eval_fns
+            self._jitted["eval"] = jax.jit(
+                lambda frozen, im, b: {name: jnp.mean(fn(frozen, im, b)) for name, fn in fns.items()})
+        return {k: float(v) for k, v in fetch(self._jitted["eval"](self.frozen, *args)).items()}
 
 
 def _toy_rewards(world_frozen_graphdefs: dict, names: list[str]) -> tuple[dict, dict]:
@@ -234,7 +247,8 @@ def check_real_paths(c: mlc.ConfigDict) -> Path:
     return root
 
 
-def _real_rewards(c: mlc.ConfigDict, root: Path) -> tuple[dict, dict, dict, Callable[[list[str]], dict]]:
+def _real_rewards(c: mlc.ConfigDict, root: Path,
+                  sharding: ShardingFn | None = None) -> tuple[dict, dict, dict, Callable[[list[str]], dict]]:
     """The configured reward models: (score fns, graphdefs, frozen params, prompts -> their inputs)."""
     from vipo_jax.models.clip import load_clip
     from vipo_jax.rewards.clip_scores import clip_score, hps_v21_score, pickscore
@@ -249,7 +263,8 @@ def _real_rewards(c: mlc.ConfigDict, root: Path) -> tuple[dict, dict, dict, Call
         path = c.rewards[name]
         if not path or not Path(path).exists():
             raise CheckpointError(f"reward model for {name} not found: --config.rewards.{name}={path!r}")
-        model = load_clip(path, param_dtype="bfloat16" if c.model.dtype == "bfloat16" else "float32")
+        model = load_clip(path, param_dtype="bfloat16" if c.model.dtype == "bfloat16" else "float32",
+                          sharding=sharding)
         graphdefs[name], frozen[f"reward_{name}"] = nnx.split(model)
 
         def fn(frozen_, images, batch, name=name, score=kinds[name]):
@@ -263,7 +278,7 @@ def _real_rewards(c: mlc.ConfigDict, root: Path) -> tuple[dict, dict, dict, Call
     return fns, graphdefs, frozen, inputs
 
 
-def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
+def build_real_world(c: mlc.ConfigDict, sharding: ShardingFn | None = None) -> FluxWorld:
     from vipo_jax.data.prompts import load_prompts
     from vipo_jax.models.dinov2 import load_dinov2
     from vipo_jax.models.flux import load_flux_transformer
@@ -290,14 +305,15 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
         eval_embeds = build_cache(eval_prompts, encoder, eval_cache_path)
         del encoder
     policy = load_flux_transformer(root / "transformer", param_dtype=c.model.param_dtype, dtype=c.model.dtype,
-                                   remat=c.model.remat, attention=c.model.attention)
-    vae = load_vae(root / "vae", dtype=c.model.dtype)
+                                   remat=c.model.remat, attention=c.model.attention, sharding=sharding)
+    vae = load_vae(root / "vae", dtype=c.model.dtype, sharding=sharding)
     graphdefs = {"policy": nnx.graphdef(policy)}
     frozen = {}
     graphdefs["vae"], frozen["vae"] = nnx.split(vae)
     if c.psm.enabled:
-        graphdefs["dinov2"], frozen["dinov2"] = nnx.split(load_dinov2(c.psm.backbone, dtype=c.model.dtype))
-    reward_fns, rg, rf, reward_inputs = _real_rewards(c, root)
+        graphdefs["dinov2"], frozen["dinov2"] = nnx.split(load_dinov2(c.psm.backbone, dtype=c.model.dtype,
+                                                                      sharding=sharding))
+    reward_fns, rg, rf, reward_inputs = _real_rewards(c, root, sharding)
     graphdefs.update(rg)
     frozen.update(rf)
     f = vae.cfg.downsample_factor
@@ -318,5 +334,8 @@ def build_real_world(c: mlc.ConfigDict) -> FluxWorld:
                      guidance=c.sampling.guidance if policy.cfg.guidance_embeds else None, encode=encode)
 
 
-def build_flux_world(c: mlc.ConfigDict) -> Any:
-    return build_toy_world(c) if c.world == "toy" else build_real_world(c)
+def build_flux_world(c: mlc.ConfigDict, sharding: ShardingFn | None = None) -> Any:
+    """``sharding`` (e.g. ``vipo_jax.sharding.LogicalSharding``) places the real checkpoints as they
+    load; the toy models are tiny and the train loop places them (and every world's policy and
+    ``frozen`` tree) by the same rules."""
+    return build_toy_world(c) if c.world == "toy" else build_real_world(c, sharding)
