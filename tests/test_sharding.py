@@ -326,3 +326,17 @@ def test_group_statistics_checkpoints_loading_and_dit_forward_on_8_devices():
     assert res["ckpt_err"] == 0.0, res  # fsdp=8 checkpoint restored into data=2 x fsdp=4
     assert res["dit_forward_err"] <= TOL * max(1.0, res["dit_forward_scale"]), res
     print(res)
+
+
+@pytest.mark.parametrize("args, env, match", [
+    (["--distributed"], {"VIPO_COORDINATOR": "nohostport"}, "VIPO_COORDINATOR='nohostport' must be host:port"),
+    (["--config.mesh.fsdp=3"], {}, "mesh .* has 3 devices, but there are 1"),
+])
+def test_cli_reports_bad_mesh_and_launch_settings(tmp_path, args, env, match):
+    """Both fail before any model is loaded, with exit status 2 and the message on stderr."""
+    import re
+
+    cmd = [sys.executable, "-m", "vipo_jax.train", "--config=configs/flux.py:toy", f"--workdir={tmp_path}", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and re.search(match, out.stderr), out.stderr[-2000:]
