@@ -72,11 +72,13 @@ def _common() -> mlc.ConfigDict:
     c.psm.normalize_mean = False
 
     c.rewards = mlc.ConfigDict()
-    c.rewards.names = "hpsv21"  # comma-separated: hpsv21, pickscore, clip_score, redness, toy_clip
+    c.rewards.names = "hpsv21"  # comma-separated: hpsv21, pickscore, clip_score, image_reward, redness, toy_clip
     c.rewards.coefs = "1.0"
     c.rewards.hpsv21 = ""  # safetensors made by `python -m vipo_jax.convert hps`
     c.rewards.pickscore = ""  # HF CLIPModel folder (yuvalkirstain/PickScore_v1)
     c.rewards.clip_score = ""  # HF CLIPModel folder (openai/clip-vit-large-patch14)
+    c.rewards.image_reward = ""  # folder made by `python -m vipo_jax.convert image-reward` (THUDM/ImageReward)
+    c.rewards.image_reward_tokenizer = ""  # bert-base-uncased folder (default: <image_reward>/tokenizer)
 
     c.data = mlc.ConfigDict()
     c.data.prompts = ""  # text (one per line) or JSONL with a "prompt" field

@@ -185,12 +185,39 @@ def _torch_preprocess(torch, images01, size):
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
+def write_tokenizer(folder: Path) -> Path:
+    """The tiny bert-base-uncased-style vocabulary BLIP's tokenizer is built from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    return folder
+
+
+def write_reference(torch, root: Path) -> _Reference:
+    """Random tiny reference modules, saved as ``root/ImageReward.pt`` (the release's key layout)
+    and converted by our converter into ``root/converted`` (with the tokenizer in its
+    ``tokenizer/``, where ``ImageRewardScorer.from_folder`` looks by default)."""
+    tf = _transformers()
+    torch.manual_seed(0)
+    vision = tf.BlipVisionModel(tf.BlipVisionConfig(**VISION)).eval()
+    # BLIP's token ids, in the tiny vocabulary ([DEC] is the bos token, [SEP] ends a prompt).
+    special = dict(bos_token_id=VOCAB_SIZE - 2, sep_token_id=VOCAB.index("[SEP]"), eos_token_id=VOCAB.index("[SEP]"))
+    text = tf.BlipTextModel(tf.BlipTextConfig(**TEXT, **special, encoder_hidden_size=VISION["hidden_size"],
+                                              is_decoder=True), add_pooling_layer=False).eval()
+    head = _reference_head(torch, TEXT["hidden_size"]).eval()
+    for i, m in enumerate((vision, text, head)):
+        _perturb(torch, m, i + 1)
+    pt = root / "ImageReward.pt"
+    torch.save(_image_reward_state_dict(torch, vision, text, head), pt)  # a plain state dict, like the release
+    (root / "cfg.json").write_text(json.dumps(OUR_CFG))
+    convert_image_reward_checkpoint(pt, root / "converted", config=OUR_CFG)
+    write_tokenizer(root / "converted" / "tokenizer")
+    return _Reference(torch, vision, text, head)
+
+
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bert_tok")
-    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    return d
+    return write_tokenizer(tmp_path_factory.mktemp("bert_tok"))
 
 
 @pytest.fixture(scope="module")
@@ -205,22 +232,8 @@ def tokens(tok_dir):
 
 @pytest.fixture(scope="module")
 def ref(torch, tmp_path_factory):
-    tf = _transformers()
-    torch.manual_seed(0)
-    vision = tf.BlipVisionModel(tf.BlipVisionConfig(**VISION)).eval()
-    # BLIP's token ids, in the tiny vocabulary ([DEC] is the bos token, [SEP] ends a prompt).
-    special = dict(bos_token_id=VOCAB_SIZE - 2, sep_token_id=VOCAB.index("[SEP]"), eos_token_id=VOCAB.index("[SEP]"))
-    text = tf.BlipTextModel(tf.BlipTextConfig(**TEXT, **special, encoder_hidden_size=VISION["hidden_size"],
-                                              is_decoder=True), add_pooling_layer=False).eval()
-    head = _reference_head(torch, TEXT["hidden_size"]).eval()
-    for i, m in enumerate((vision, text, head)):
-        _perturb(torch, m, i + 1)
     root = tmp_path_factory.mktemp("image_reward")
-    pt = root / "ImageReward.pt"
-    torch.save(_image_reward_state_dict(torch, vision, text, head), pt)  # a plain state dict, like the release
-    (root / "cfg.json").write_text(json.dumps(OUR_CFG))
-    convert_image_reward_checkpoint(pt, root / "converted", config=OUR_CFG)
-    return _Reference(torch, vision, text, head), root
+    return write_reference(torch, root), root
 
 
 @pytest.fixture(scope="module")
@@ -434,8 +447,12 @@ def test_scorer_tokenizer_checks(ours, ref, tmp_path, images01):
     with pytest.raises(CheckpointError, match=f"tokenizer has {VOCAB_SIZE + 1} tokens but the text encoder's "
                                               f"vocabulary is {VOCAB_SIZE}"):
         ImageRewardScorer(ours, bigger)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(ref[1] / "converted" / f, bare / f)
     with pytest.raises(DataError, match="no tokenizer"):
-        ImageRewardScorer.from_folder(ref[1] / "converted")
+        ImageRewardScorer.from_folder(bare)
     with pytest.raises(DataError, match="has no tokenizer"):
         ImageRewardScorer(ours).score(images01, PROMPTS)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):

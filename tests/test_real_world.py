@@ -198,3 +198,29 @@ def test_max_text_len_out_of_range_is_a_config_error(length):
     c.sampling.max_text_len = length
     with pytest.raises(ConfigError, match="max_text_len"):
         validate(c)
+
+
+def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
+    """ImageReward (a converted THUDM-layout checkpoint with its BERT tokenizer) joins the real world's
+    rewards when evaluate gives it a path: the world scores it with the prompt's BLIP tokens, as the
+    standalone scorer does."""
+    import numpy as np
+
+    from tests.test_image_reward import write_reference
+    from vipo_jax.evaluate import eval_config
+    from vipo_jax.rewards.image_reward import ImageRewardScorer
+    from vipo_jax.worlds import build_world
+
+    (tmp_path / "ir").mkdir()
+    write_reference(torch, tmp_path / "ir")
+    c = tiny_config(assets, _prompts_file(tmp_path / "data", PROMPTS[:2]), 1)
+    c.rewards.image_reward = str(tmp_path / "ir" / "converted")
+    c = eval_config(c)
+    assert c.rewards.names == "pickscore,image_reward" and not c.psm.enabled
+    world = build_world(c)
+    assert set(world.eval_fns) >= {"pickscore", "image_reward"}
+    images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    got = world.eval_metrics(images, world.eval_prompts)
+    want = ImageRewardScorer.from_folder(c.rewards.image_reward).score(images, world.eval_prompts)
+    assert abs(got["image_reward"] - float(np.mean(want))) < 1e-4
+    assert np.isfinite(got["pickscore"])

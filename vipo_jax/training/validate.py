@@ -7,7 +7,7 @@ import ml_collections as mlc
 
 from vipo_jax.errors import ConfigError
 
-KNOWN_REWARDS = ("hpsv21", "pickscore", "clip_score", "redness", "toy_clip")
+KNOWN_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward", "redness", "toy_clip")
 CHOICES = {
     "world": ("real", "toy"),
     "model.variant": ("dev", "schnell"),

@@ -247,6 +247,27 @@ def check_real_paths(c: mlc.ConfigDict) -> Path:
     return root
 
 
+def _image_reward(c: mlc.ConfigDict, path: str, sharding: ShardingFn | None = None):
+    """ImageReward (BLIP) as a reward: (graphdef, params, fn(params, images, batch), prompts -> inputs).
+    Its prompts go through BLIP's BERT tokenizer (``rewards.image_reward_tokenizer``, default the
+    converted folder's ``tokenizer/``), so its inputs are ``ir_ids`` / ``ir_mask``."""
+    from vipo_jax.rewards.image_reward import ImageRewardScorer
+
+    tok = c.rewards.get("image_reward_tokenizer", "") or None
+    scorer = ImageRewardScorer.from_folder(
+        path, tokenizer=tok, param_dtype="bfloat16" if c.model.dtype == "bfloat16" else "float32",
+        sharding=sharding)
+
+    def fn(params, images, batch):
+        return scorer.score_fn(params, images, batch["ir_ids"], batch["ir_mask"])
+
+    def inputs(texts: list[str]) -> dict:
+        ids, mask = scorer.tokenize(texts)
+        return {"ir_ids": ids, "ir_mask": mask}
+
+    return scorer.graphdef, scorer.params, fn, inputs
+
+
 def _real_rewards(c: mlc.ConfigDict, root: Path,
                   sharding: ShardingFn | None = None) -> tuple[dict, dict, dict, Callable[[list[str]], dict]]:
     """The configured reward models: (score fns, graphdefs, frozen params, prompts -> their inputs)."""
@@ -256,13 +277,20 @@ def _real_rewards(c: mlc.ConfigDict, root: Path,
 
     tok = load_tokenizer(root / "tokenizer")
     graphdefs, frozen, fns = {}, {}, {}
+    input_fns: list[Callable[[list[str]], dict]] = [lambda texts: {"reward_ids": tokenize(tok, texts, 77)[0]}]
     kinds = {"hpsv21": hps_v21_score, "pickscore": pickscore, "clip_score": clip_score}
     for name, _ in reward_spec(c):
-        if name not in kinds:
-            raise ConfigError(f"reward {name!r} is a toy-world reward; use hpsv21, pickscore or clip_score")
+        if name not in kinds and name != "image_reward":
+            raise ConfigError(f"reward {name!r} is a toy-world reward; use hpsv21, pickscore, clip_score or "
+                              "image_reward")
         path = c.rewards[name]
         if not path or not Path(path).exists():
             raise CheckpointError(f"reward model for {name} not found: --config.rewards.{name}={path!r}")
+        if name == "image_reward":
+            graphdefs[name], frozen[f"reward_{name}"], ir_fn, ir_inputs = _image_reward(c, path, sharding)
+            fns[name] = lambda frozen_, images, batch, f=ir_fn: f(frozen_["reward_image_reward"], images, batch)
+            input_fns.append(ir_inputs)
+            continue
         model = load_clip(path, param_dtype="bfloat16" if c.model.dtype == "bfloat16" else "float32",
                           sharding=sharding)
         graphdefs[name], frozen[f"reward_{name}"] = nnx.split(model)
@@ -273,7 +301,10 @@ def _real_rewards(c: mlc.ConfigDict, root: Path,
         fns[name] = fn
 
     def inputs(texts: list[str]) -> dict:
-        return {"reward_ids": tokenize(tok, texts, 77)[0]}
+        out: dict = {}
+        for f in input_fns:
+            out.update(f(texts))
+        return out
 
     return fns, graphdefs, frozen, inputs
 
