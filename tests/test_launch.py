@@ -503,3 +503,60 @@ def test_main_cli(tmp_path: Path, in_repo, capsys: pytest.CaptureFixture):
     bad = _sweep_file(tmp_path, '{"config": "configs/flux.py:toy", "grid": {"config.sed": [1]}}', "bad.py")
     assert sw.main([f"--sweep={bad}", f"--workdir={tmp_path / 'w2'}"]) == 2
     assert "Did you mean config.seed?" in capsys.readouterr().err
+
+
+# --- launch.report: aggregating a finished sweep ----------------------------------------------------------
+def _fake_run(folder: Path, first: float, last: float, digits: float, iterations: int = 10) -> None:
+    folder.mkdir(parents=True)
+    recs = [{"step": 0, "eval/redness": 0.0, "eval/digit_accuracy": 0.7}]
+    recs += [{"step": i, "loss": 0.1, "reward/redness": first + (last - first) * i / iterations}
+             for i in range(1, iterations + 1)]
+    recs.append({"step": iterations, "eval/redness": last, "eval/digit_accuracy": digits})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (folder / "summary.json").write_text(json.dumps({"iterations": iterations, "reward/redness/first10pct": first,
+                                                     "reward/redness/last10pct": last}))
+
+
+def test_report_groups_seeds_mean_std(tmp_path: Path, capsys):
+    import numpy as np
+
+    from launch import report
+
+    points = []
+    values = {"grpo": [(0.1, 0.8, 0.2), (0.2, 0.9, 0.1)], "vipo": [(0.1, 0.7, 0.5), (0.1, 0.75, 0.6), (0.0, 0.8, 0.4)]}
+    for label, runs in values.items():
+        for seed, (f, la, d) in enumerate(runs):
+            wd = tmp_path / f"{label}_seed-{seed}"
+            _fake_run(wd, f, la, d)
+            points.append({"name": wd.name, "workdir": str(wd), "status": "done",
+                           "overrides": {"config.psm.enabled": label == "vipo", "config.seed": seed}})
+    unfinished = tmp_path / "vipo_seed-9"  # no summary.json: left out
+    unfinished.mkdir()
+    points.append({"name": unfinished.name, "workdir": str(unfinished), "status": "failed",
+                   "overrides": {"config.psm.enabled": True, "config.seed": 9}})
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": "s.py", "config": "c.py", "points": points}))
+    assert report.main([f"--workdir={tmp_path}"]) == 0
+    agg = json.loads((tmp_path / "report.json").read_text())
+    assert list(agg["groups"]) == ["grpo", "vipo"] and agg["reward"] == "reward/redness"
+    v = agg["groups"]["vipo"]
+    assert v["runs"] == ["vipo_seed-0", "vipo_seed-1", "vipo_seed-2"]
+    last = np.array([0.7, 0.75, 0.8])
+    m, s, n = v["stats"]["reward/redness/last10pct"]
+    assert n == 3 and abs(m - last.mean()) < 1e-12 and abs(s - last.std(ddof=1)) < 1e-12
+    m, s, n = agg["groups"]["grpo"]["stats"]["eval/digit_accuracy"]
+    assert n == 2 and abs(m - 0.15) < 1e-12
+    md = (tmp_path / "report.md").read_text()
+    assert "| vipo | 3 | 0.067 ± 0.058 | 0.750 ± 0.050 |" in md and "--config.psm.enabled=True" in md
+    assert (tmp_path / "curves.png").is_file()
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_report_errors(tmp_path: Path, capsys):
+    from launch import report
+
+    assert report.main([f"--workdir={tmp_path}"]) == 2
+    assert "no sweep.json" in capsys.readouterr().err
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": "s", "config": "c", "points": [
+        {"name": "a_seed-0", "workdir": str(tmp_path / "a"), "overrides": {"config.seed": 0}}]}))
+    assert report.main([f"--workdir={tmp_path}"]) == 2
+    assert "no finished run" in capsys.readouterr().err

@@ -1,0 +1,193 @@
+"""Aggregate a finished sweep: one row per group of seeds, mean ± std of each number, and the
+reward curves of every group (mean over seeds with a ±1 std band).
+
+    python -m launch.report --workdir=runs/toy_grpo_vs_vipo
+    python -m launch.report --workdir=runs/toy_ablations --metrics=reward/redness,eval/digit_accuracy
+
+A group is the set of points whose overrides differ only in ``config.seed``. Per run it reads
+``summary.json`` (reward of the first and last 10% of iterations) and ``metrics.jsonl`` (the last
+evaluation: ``eval/*`` of the final weights on the fixed evaluation prompts). Writes
+``report.md`` (the table, with the command of each group), ``report.json`` and ``curves.png`` into
+the sweep folder, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Columns by default: reward gained on the training batches, then the final evaluation.
+DEFAULT_COLUMNS = ("{reward}/first10pct", "{reward}/last10pct", "eval/{main}", "eval/digit_accuracy",
+                   "eval/color_match", "eval/toy_clip", "eval/redness")
+
+
+class ReportError(ValueError):
+    """The sweep folder cannot be read: no manifest, or no finished run."""
+
+
+def _records(workdir: Path) -> list[dict]:
+    f = workdir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def run_numbers(workdir: Path) -> dict[str, float]:
+    """summary.json's numbers plus the last evaluation's ``eval/*`` metrics of one run."""
+    out: dict[str, float] = {}
+    s = workdir / "summary.json"
+    if s.is_file():
+        out.update({k: float(v) for k, v in json.loads(s.read_text()).items() if isinstance(v, int | float)})
+    evals = [r for r in _records(workdir) if any(k.startswith("eval/") for k in r)]
+    if evals:
+        out.update({k: float(v) for k, v in evals[-1].items() if k.startswith("eval/")})
+        first = evals[0]
+        out.update({f"{k}@0": float(v) for k, v in first.items() if k.startswith("eval/") and first["step"] == 0})
+    return out
+
+
+def curve(workdir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for r in _records(workdir) if r.get(key) is not None and "loss" in r]
+    return np.array([r["step"] for r in recs]), np.array([r[key] for r in recs], np.float64)
+
+
+def groups(manifest: dict) -> dict[str, list[dict]]:
+    """Points grouped by their overrides without the seed, in manifest order; named by the common
+    part of their names (the sweep's ``{label}``)."""
+    out: dict[str, list[dict]] = {}
+    keyname: dict[str, str] = {}
+    for p in manifest["points"]:
+        key = json.dumps({k: v for k, v in sorted(p["overrides"].items()) if k != "config.seed"})
+        name = p["name"].split("_seed-")[0]
+        keyname.setdefault(key, name)
+        out.setdefault(keyname[key], []).append(p)
+    return out
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    a = np.asarray(vals, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward: str | None = None) -> dict:
+    """Per group: the runs used, and mean / std / n of every column. ``reward``: the trained
+    reward's name (default: the first ``reward/*`` key a summary has)."""
+    workdir = Path(workdir)
+    mf = workdir / "sweep.json"
+    if not mf.is_file():
+        raise ReportError(f"no sweep.json in {workdir}: run `python -m launch.sweep --workdir={workdir} ...` first")
+    manifest = json.loads(mf.read_text())
+    table: dict[str, Any] = {}
+    for name, points in groups(manifest).items():
+        runs = {p["name"]: run_numbers(Path(p["workdir"])) for p in points}
+        runs = {k: v for k, v in runs.items() if "iterations" in v}
+        if not runs:
+            continue
+        if reward is None:
+            keys = sorted({k.split("/first10pct")[0] for v in runs.values() for k in v if k.endswith("/first10pct")})
+            reward = keys[0] if keys else "reward"
+        cols = list(columns or [c.format(reward=reward, main=reward.split("/", 1)[-1]) for c in DEFAULT_COLUMNS])
+        cols = list(dict.fromkeys(cols))
+        stats = {}
+        for col in cols:
+            vals = [v[col] for v in runs.values() if col in v]
+            stats[col] = (*_mean_std(vals), len(vals)) if vals else (float("nan"), 0.0, 0)
+        table[name] = {"runs": sorted(runs), "overrides": {k: v for k, v in points[0]["overrides"].items()
+                                                          if k != "config.seed"},
+                       "workdirs": [p["workdir"] for p in points if p["name"] in runs], "stats": stats}
+    if not table:
+        raise ReportError(f"no finished run in {workdir} (a finished run has summary.json)")
+    return {"sweep": manifest.get("sweep"), "config": manifest.get("config"), "reward": reward, "groups": table}
+
+
+def markdown(agg: dict) -> str:
+    cols = list(next(iter(agg["groups"].values()))["stats"])
+    lines = [f"Sweep `{agg['sweep']}` on `{agg['config']}`: mean ± std over seeds (n = runs per group).", "",
+             "| group | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, g in agg["groups"].items():
+        cells = [fmt(m, s, n) for m, s, n in (g["stats"][c] for c in cols)]
+        lines.append(f"| {name} | {len(g['runs'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Overrides of each group (besides the seed):", ""]
+    for name, g in agg["groups"].items():
+        ov = " ".join(f"--{k}={v}" for k, v in g["overrides"].items()) or "(the base config)"
+        lines.append(f"- {name}: `{ov}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: dict, workdir: Path, keys: Sequence[str]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    drawn = False
+    for ax, key in zip(axes[0], keys):
+        for name, g in agg["groups"].items():
+            curves = [curve(Path(w), key) for w in g["workdirs"]]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            n = min(len(c[0]) for c in curves)
+            steps = curves[0][0][:n]
+            vals = np.stack([c[1][:n] for c in curves])
+            win = max(1, n // 10)
+            kernel = np.ones(win) / win
+            smooth = np.stack([np.convolve(v, kernel, mode="valid") for v in vals])
+            m, s = smooth.mean(0), smooth.std(0)
+            x = steps[win - 1:]
+            ax.plot(x, m, label=f"{name} (n={len(vals)})")
+            ax.fill_between(x, m - s, m + s, alpha=0.2)
+            drawn = True
+        ax.set_xlabel("iteration")
+        ax.set_title(key)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    path = workdir / "curves.png"
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path if drawn else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True, help="the sweep folder (with sweep.json)")
+    ap.add_argument("--columns", default="", help="comma-separated numbers to tabulate (default: reward gained, "
+                                                  "final eval metrics)")
+    ap.add_argument("--curves", default="", help="comma-separated training metrics to plot (default: the reward, "
+                                                 "reward/digit_accuracy, map/mean)")
+    args = ap.parse_args(argv)
+    workdir = Path(args.workdir)
+    try:
+        agg = aggregate(workdir, [c for c in args.columns.split(",") if c] or None)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md = markdown(agg)
+    (workdir / "report.md").write_text(md)
+    (workdir / "report.json").write_text(json.dumps(agg, indent=1))
+    keys = [k for k in args.curves.split(",") if k] or [agg["reward"], "reward/digit_accuracy", "map/mean"]
+    png = plot(agg, workdir, keys)
+    print(md)
+    print(f"written: {workdir / 'report.md'}, report.json" + (f", {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
