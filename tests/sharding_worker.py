@@ -37,7 +37,8 @@ def train_meshes(out: Path, specs: list[str], distributed: bool) -> None:
     from vipo_jax import sharding as shd
 
     if distributed:  # before anything touches a device (the test world makes arrays at import)
-        shd.initialize_distributed()
+        # generous barriers: on 2 shared CI cores one process may compile minutes after the other
+        shd.initialize_distributed(initialization_timeout=1200, shutdown_timeout_seconds=1200)
     from tests.sharding_world import SyntheticWorld, tiny_config
     from vipo_jax.training.logging import read_metrics
     from vipo_jax.training.run import train

@@ -51,10 +51,11 @@ def distributed_args(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return args
 
 
-def initialize_distributed(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def initialize_distributed(env: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     """``jax.distributed.initialize`` from the ``VIPO_*`` variables; call before any other JAX use.
-    Returns the arguments it passed (a second call is a no-op)."""
-    args = distributed_args(env)
+    ``extra``: further ``initialize`` arguments (e.g. ``shutdown_timeout_seconds`` where processes
+    may finish minutes apart). Returns the arguments it passed (a second call is a no-op)."""
+    args = {**distributed_args(env), **extra}
     if not jax.distributed.is_initialized():
         try:
             jax.distributed.initialize(**args)
