@@ -5,6 +5,9 @@ COMMAND:
   python -m vipo_jax.train --config=configs/flux.py:toy --workdir=runs/toy
   # plain GRPO (DanceGRPO) baseline in the toy world:
   python -m vipo_jax.train --config=configs/flux.py:toy --config.psm.enabled=False --workdir=runs/toy_grpo
+  # LoRA (rank 16 on the attention and MLP projections) with an EMA of the adapters:
+  python -m vipo_jax.train --config=configs/flux.py:toy --config.lora.rank=16 --config.train.ema_decay=0.99 \
+      --workdir=runs/toy_lora
   # the paper's FLUX.1-dev recipe (SPEC 1.5) from a local diffusers folder:
   python -m vipo_jax.train --config=configs/flux.py --config.model.path=/path/to/FLUX.1-dev \
       --config.data.prompts=prompts.txt --workdir=runs/flux
@@ -53,6 +56,20 @@ def _common() -> mlc.ConfigDict:
     c.train.logprob_reduction = "position_sum"  # position_sum | sample_mean
     c.train.map_target = "advantage"  # advantage | reward
     c.train.max_nonfinite = 3  # consecutive skipped updates before the run stops
+    # Exponential moving average of the trained weights (the adapters under LoRA), kept in float32,
+    # updated once per iteration after its optimizer updates; checkpointed. 0: off.
+    c.train.ema_decay = 0.0
+
+    # LoRA fine-tuning: rank 0 = off (full fine-tuning). With rank > 0 only the adapters are trained,
+    # held by the optimizer and written to the checkpoints; the base weights stay frozen.
+    c.lora = mlc.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 0.0  # scale = alpha / rank; 0: alpha = rank (scale 1)
+    # Comma-separated regular expressions searched in the policy's layer paths. Empty: the family's
+    # default (vipo_jax.training.adapters.DEFAULT_TARGETS), the attention and MLP projections:
+    # Flux "_attn\.qkv$,_attn_out$,_mlp\.linear_(in|out)$,single_transformer_blocks\.linear[12]$";
+    # Wan "attn[12]\.to_(q|k|v|out)$,ffn\.linear_(in|out)$".
+    c.lora.targets = ""
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-5
@@ -92,6 +109,7 @@ def _common() -> mlc.ConfigDict:
     c.log.ckpt_every = 20
     c.log.keep_checkpoints = 2
     c.log.tensorboard = True
+    c.log.eval_ema = True  # with train.ema_decay > 0: evaluation grids/metrics use the EMA weights
 
     # Device mesh (product = all devices of all processes; one axis may be -1 = the rest). Parameters
     # and optimizer state are split over fsdp, samples over data x fsdp (vipo_jax/sharding).

@@ -4,7 +4,9 @@
         --checkpoint=base --checkpoint=grpo=runs/toy_grpo --checkpoint=vipo=runs/toy_vipo --out=runs/eval
 
 ``--checkpoint`` is ``base`` (the world's initial weights), a run workdir (latest checkpoint),
-``DIR@STEP``, or ``LABEL=DIR[@STEP]``; repeat it to compare several in one table. Prompts come from
+``DIR@STEP``, or ``LABEL=DIR[@STEP]``; repeat it to compare several in one table. Runs trained with
+LoRA are read with their own ``config.json``'s LoRA settings (adapters merged into the base weights);
+``--use_ema`` evaluates the runs' EMA weights (``train.ema_decay > 0``) instead of their raw ones. Prompts come from
 ``--prompts`` (a text or JSONL file); without it the toy world uses its 54 held-out prompt
 combinations, a real world ``--config.data.eval_prompts``. Every metric the world knows is scored:
 the toy world's redness, toy CLIP score, digit accuracy and colour match; for FLUX.1 every reward
@@ -14,6 +16,7 @@ trained one. Writes results.json, report.md, report.html, comparison.png and per
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -34,6 +37,7 @@ _OUT = flags.DEFINE_string("out", "runs/eval", "output folder")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per jitted sampling call")
 _GRID = flags.DEFINE_integer("grid_prompts", 8, "prompts shown in the image grids")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
+_USE_EMA = flags.DEFINE_bool("use_ema", False, "evaluate the runs' EMA weights (train.ema_decay > 0)")
 
 EVAL_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward")
 
@@ -82,6 +86,8 @@ def main(argv: list[str]) -> None:
             prompts = prompts[: _NUM_PROMPTS.value]
         seeds = [int(s) for s in _SEEDS.value]
         specs = [parse_checkpoint(a) for a in _CHECKPOINTS.value]
+        if _USE_EMA.value:
+            specs = [dataclasses.replace(s, ema=True) if s.path else s for s in specs]
         results = evaluate(c, specs, prompts, seeds, _OUT.value, batch_size=_BATCH.value,
                            grid_prompts=_GRID.value, progress=not _NO_PROGRESS.value)
     except (VipoError, ValueError) as e:

@@ -7,6 +7,11 @@ Several hosts: run the same command on every host with ``--distributed``; ``jax.
 the coordinator (host:port), process count and process id from ``VIPO_COORDINATOR``,
 ``VIPO_NUM_PROCESSES`` and ``VIPO_PROCESS_ID`` where set, and auto-detects them otherwise (TPU pods,
 SLURM). The mesh spans all hosts' devices (``--config.mesh.*``).
+
+``--compile_only``: build the world, compile the train step ahead of time, print the compile time and
+XLA's per-device memory, and exit (nothing is trained or written), e.g. to check that a mesh or
+micro-batch fits before a long run. Training runs compile the same way before their first
+iteration; with the persistent compilation cache a restart reads the executable from the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from vipo_jax.errors import VipoError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, samples, checkpoints)")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step, print its compile time and "
+                                   "per-device memory, and exit without training")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize() from the "
                                  "VIPO_COORDINATOR / VIPO_NUM_PROCESSES / VIPO_PROCESS_ID variables or auto-detection")
 
@@ -43,7 +50,7 @@ def main(argv: list[str]) -> None:
         from vipo_jax.utils.compile_cache import enable_compilation_cache
 
         enable_compilation_cache()
-        summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value)
+        summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value, compile_only=_COMPILE_ONLY.value)
     except VipoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -51,6 +58,9 @@ def main(argv: list[str]) -> None:
     import jax
 
     if jax.process_index() != 0:
+        return
+    if _COMPILE_ONLY.value:
+        print("compile only:", {k: round(v, 4) for k, v in summary.items()})
         return
     print("summary:", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary.items()})
     print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, samples/, reward_curve.png, checkpoints/")

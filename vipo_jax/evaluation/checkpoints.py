@@ -1,5 +1,6 @@
 """Which policies an evaluation compares: ``base`` (the world's initial weights) or a run's
-workdir (its latest orbax checkpoint, or ``path@STEP``), each with a label for the tables."""
+workdir (its latest orbax checkpoint, or ``path@STEP``; its raw weights or, with ``ema``, their
+moving average), each with a label for the tables."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class CheckpointSpec:
     label: str
     path: str | None  # None: the base model
     step: int | None = None
+    ema: bool = False  # the run's EMA weights (train.ema_decay > 0) instead of its raw ones
 
 
 def parse_checkpoint(arg: str) -> CheckpointSpec:
@@ -48,9 +50,10 @@ def unique_labels(specs: list[CheckpointSpec]) -> list[CheckpointSpec]:
     return out
 
 
-def restore_params(spec: CheckpointSpec, abstract_params: Any) -> tuple[Any, int]:
-    """Only the policy parameters of a run's checkpoint (the optimizer state is not read), as
-    arrays shaped like ``abstract_params``; returns them and the step they come from."""
+def restore_params(spec: CheckpointSpec, abstract_params: Any, key: str = "params") -> tuple[Any, int]:
+    """Only the trained parameters of a run's checkpoint (the optimizer state is not read), as
+    arrays shaped like ``abstract_params``; returns them and the step they come from. ``key``:
+    ``"params"`` or ``"ema"`` (the state entry read; under LoRA both hold the adapters only)."""
     import orbax.checkpoint as ocp
 
     folder = Path(spec.path) / "checkpoints"
@@ -64,16 +67,17 @@ def restore_params(spec: CheckpointSpec, abstract_params: Any) -> tuple[Any, int
         step = spec.step if spec.step is not None else max(steps)
         if step not in steps:
             raise CheckpointError(f"{folder}: no checkpoint at step {step} (have {sorted(steps)})")
-        item = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)}
+        item = {key: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)}
         try:
             out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         except Exception as e:  # orbax raises many kinds; name the folder and the likely cause
-            raise CheckpointError(f"cannot read the policy parameters of {folder} step {step}: {e}. Was the run "
-                                  "trained with the same --config (model size, LoRA settings)?") from e
+            hint = " (and with train.ema_decay > 0, for its EMA)" if key == "ema" else ""
+            raise CheckpointError(f"cannot read the policy {key} of {folder} step {step}: {e}. Was the run "
+                                  f"trained with the same --config (model size, LoRA settings){hint}?") from e
     finally:
         manager.close()
-    got = out["state"]["params"]
+    got = out["state"][key]
     mismatch = [f"{jax.tree_util.keystr(k)}: {np.shape(a)} vs {ref.shape}"
                 for (k, a), ref in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(abstract_params))
                 if np.shape(a) != tuple(ref.shape)]

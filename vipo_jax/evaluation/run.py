@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vipo_jax.errors import DataError
+from vipo_jax.errors import CheckpointError, DataError
 from vipo_jax.evaluation.checkpoints import CheckpointSpec, restore_params, unique_labels
 from vipo_jax.evaluation.report import safe_name, save_grids, write_reports
 from vipo_jax.training.step import make_sampler
@@ -36,6 +36,26 @@ def _summary(values: np.ndarray, per_seed: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if n > 1 else 0.0,
             "sem": float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0, "n": int(n),
             "seed_means": [float(v) for v in per_seed]}
+
+
+def checkpoint_params(spec: CheckpointSpec, policy: nnx.Module, base_params: Any) -> tuple[Any, int, dict]:
+    """The full policy state a checkpoint stands for, shaped like ``base_params``: the run's
+    params or EMA; for a LoRA run (per its ``config.json``) the adapters merged into the base
+    weights. Returns it, the step and what it is (``{"weights", "lora_rank"}``)."""
+    from vipo_jax.training import adapters
+
+    has_config = (Path(spec.path) / "config.json").is_file()
+    run_c = adapters.run_config(spec.path) if has_config else None
+    if spec.ema and run_c is not None and adapters.ema_decay(run_c) <= 0:
+        raise CheckpointError(f"{spec.path} was trained without an EMA (train.ema_decay=0): evaluate it without "
+                              "--use_ema")
+    key = "ema" if spec.ema else "params"
+    lora = adapters.lora_config(run_c) if run_c is not None else adapters.LoraConfig()
+    if lora.enabled:
+        trained, step = restore_params(spec, adapters.initial_adapters(policy, lora), key=key)
+        return adapters.merged_params(policy, lora, trained), step, {"weights": key, "lora_rank": lora.rank}
+    params, step = restore_params(spec, base_params, key=key)
+    return params, step, {"weights": key, "lora_rank": 0}
 
 
 def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list[str], seeds: list[int],
@@ -73,9 +93,9 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
     for spec in checkpoints:
         t0 = time.perf_counter()
         if spec.path is None:
-            params, step = base_params, 0
+            params, step, what = base_params, 0, {"weights": "base", "lora_rank": 0}
         else:
-            params, step = restore_params(spec, base_params)
+            params, step, what = checkpoint_params(spec, world.policy, base_params)
         per_metric: dict[str, list[np.ndarray]] = {k: [] for k in metric_fns}
         images_seed0 = None
         for seed in seeds:
@@ -100,7 +120,7 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
         samples[spec.label] = images_seed0
         stats = {k: _summary(np.stack(v), np.stack(v).mean(axis=1)) for k, v in per_metric.items()}
         per_prompt = {k: np.stack(v).mean(axis=0).round(6).tolist() for k, v in per_metric.items()}
-        results["checkpoints"][spec.label] = {"path": spec.path, "step": step, "metrics": stats,
+        results["checkpoints"][spec.label] = {"path": spec.path, "step": step, **what, "metrics": stats,
                                               "per_prompt": per_prompt,
                                               "seconds": round(time.perf_counter() - t0, 2)}
         np.save(out / f"samples_{safe_name(spec.label)}.npy", images_seed0)

@@ -2,6 +2,11 @@
 SIGTERM handling and the non-finite guard. Model-specific wiring lives in a ``World``
 (``vipo_jax.worlds``), so the same loop runs Flux and Wan, toy and real.
 
+LoRA and EMA (``config.lora``, ``config.train.ema_decay``; ``training.adapters``): with LoRA the
+train state's ``params`` are the adapters only and the base weights join the frozen tree; with EMA
+the state also holds ``ema``. The step is compiled ahead of time (``lower().compile()``) before the
+first iteration, with its compile time and per-device memory printed and kept in summary.json.
+
 Sharding: the loop builds the mesh (``config.mesh``) and rules (``config.sharding.rules``), places
 the world's policy (train state: params and optimizer state) and frozen models by those rules,
 assembles each iteration's global batch from this process's prompts, and runs every step inside
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vipo_jax import sharding as shd
 from vipo_jax.errors import VipoError
+from vipo_jax.training import adapters
 from vipo_jax.training.checkpoint import RunCheckpointer
 from vipo_jax.training.logging import MetricsWriter, plot_curves, read_metrics, save_samples
 from vipo_jax.training.step import jit_train_step, make_sampler, make_train_step
@@ -44,21 +50,28 @@ def make_optimizer(c: mlc.ConfigDict) -> optax.GradientTransformation:
     )
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> dict:
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, ema: bool = False) -> dict:
+    """The train state of ``params`` (the trained parameters: the adapters under LoRA); ``ema``: with
+    a float32 moving average of them (``train.ema_decay > 0``)."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+    if ema:
+        state["ema"] = adapters.init_ema(params)
+    return state
 
 
 def init_sharded_state(params: Any, optimizer: optax.GradientTransformation, seed: int, rules: shd.Rules,
-                       mesh: jax.sharding.Mesh) -> tuple[dict, Any]:
-    """The train state on ``mesh`` (its own copy of ``params``; optimizer moments split like the
-    parameters they belong to) and its shardings, for ``jit_train_step`` and checkpoint restore."""
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
+                       mesh: jax.sharding.Mesh, ema: bool = False) -> tuple[dict, Any]:
+    """The train state on ``mesh`` (its own copy of ``params``; optimizer moments and the EMA split
+    like the parameters they belong to) and its shardings, for ``jit_train_step`` and checkpoint restore."""
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, seed, ema), params)
     shardings = shd.param_shardings(abstract, rules, mesh)
     # The step donates its state: give it its own buffers so the caller's parameters stay usable.
     params = jax.tree.map(jnp.copy, shd.place(params, shardings["params"]))
     state = {"params": params,
              "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)}
+    if ema:
+        state["ema"] = shd.place(adapters.init_ema(params), shardings["ema"])
     rest = {k: v for k, v in abstract.items() if k not in state}
     small = init_state({}, optimizer, seed)  # step, rng, counters: replicated scalars
     state.update(shd.place({k: small[k] for k in rest}, {k: shardings[k] for k in rest}))
@@ -96,37 +109,143 @@ class _Stop:
 
 
 def train(c: mlc.ConfigDict, workdir: str | Path, world: Any = None, *, progress: bool = True,
-          mesh: jax.sharding.Mesh | None = None) -> dict:
+          mesh: jax.sharding.Mesh | None = None, compile_only: bool = False) -> dict:
     """Run (or resume) training in ``workdir``; returns a summary dict (also written to summary.json).
 
     The mesh comes from ``c.mesh`` unless ``mesh`` is given, the sharding rules from
     ``c.sharding``. A ``world`` given by the caller may hold unplaced models: its policy and frozen
-    trees are placed here (``world.frozen`` is replaced by the placed tree)."""
+    trees are placed here (``world.frozen`` is replaced by the placed tree; under LoRA a copy of the
+    world gets the adapters, the caller's policy is left as it was).
+
+    ``compile_only``: build the world and the state, compile the train step, report its compile time
+    and per-device memory, and return that (nothing is written to ``workdir``, no step runs)."""
     from vipo_jax.training.validate import validate
 
     validate(c)
     mesh = mesh or shd.make_mesh(c.get("mesh"))
     rules = shd.rules_from_config(c)
     with shd.activate(mesh, rules):
-        return _train(c, Path(workdir), world, progress, mesh, rules)
+        return _train(c, Path(workdir), world, progress, mesh, rules, compile_only)
+
+
+GiB = 1024**3
+
+
+def memory_stats(compiled: Any) -> dict[str, float]:
+    """Per-device memory of a compiled executable from XLA (``memory_analysis``), in GiB; ``{}`` where
+    the backend does not report it. ``peak_gib`` is arguments + temporaries + outputs - aliased
+    (donated) bytes, as ``vipo_jax.plan`` reports it; ``xla_peak_gib`` is XLA's own figure where given."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # not every backend / jax version implements it
+        mem = None
+    if mem is None:
+        return {}
+    out = {f"memory/{k}_gib": getattr(mem, f"{k}_size_in_bytes", 0) / GiB
+           for k in ("argument", "temp", "output", "alias", "generated_code")}
+    out["memory/peak_gib"] = (out["memory/argument_gib"] + out["memory/temp_gib"] + out["memory/output_gib"]
+                              - out["memory/alias_gib"])
+    xla_peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+    if xla_peak > 0:
+        out["memory/xla_peak_gib"] = xla_peak / GiB
+    return out
+
+
+_CACHE_HITS = {"n": 0, "listening": False}
+
+
+def _count_cache_hits() -> int:
+    """Persistent-compilation-cache hits so far in this process (a jax.monitoring listener, registered once)."""
+    if not _CACHE_HITS["listening"]:
+        def on_event(event: str, **kwargs: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _CACHE_HITS["n"] += 1
+
+        jax.monitoring.register_event_listener(on_event)
+        _CACHE_HITS["listening"] = True
+    return _CACHE_HITS["n"]
+
+
+def compile_step(step: Any, state: dict, frozen: Any, batch: Any, *, state_shardings: Any, frozen_shardings: Any,
+                 mesh: jax.sharding.Mesh) -> tuple[Any, dict[str, float]]:
+    """Compile the train step ahead of time (``jit(...).lower(...).compile()``) for these inputs'
+    shapes and shardings, so the compile happens (and is timed and its memory reported) before the
+    first iteration rather than inside it. With the persistent compilation cache on
+    (``utils.compile_cache``), a restart finds the executable there. Returns the compiled step and
+    ``{"time/compile_s", "compile/cache_hit", "memory/*_gib"}`` (cache_hit: 1.0 when XLA's
+    executable came from the persistent cache)."""
+    jitted = jit_train_step(step, state_shardings=state_shardings, frozen_shardings=frozen_shardings,
+                            batch_shardings=jax.tree.map(lambda a: a.sharding, batch), mesh=mesh)
+    hits = _count_cache_hits()
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, frozen, batch).compile()
+    dt = time.perf_counter() - t0
+    return compiled, {"time/compile_s": dt, "compile/cache_hit": float(_count_cache_hits() > hits),
+                      **memory_stats(compiled)}
+
+
+def compile_report(info: dict[str, float]) -> str:
+    """One line for the console: compile time and per-device memory."""
+    line = f"train step compiled in {info['time/compile_s']:.1f} s"
+    if info.get("compile/cache_hit"):
+        line += " (executable from the persistent compilation cache)"
+    if "memory/peak_gib" in info:
+        line += (f"; per-device memory: arguments {info['memory/argument_gib']:.3f} GiB, temporaries "
+                 f"{info['memory/temp_gib']:.3f} GiB, outputs {info['memory/output_gib']:.3f} GiB, donated "
+                 f"{info['memory/alias_gib']:.3f} GiB, peak {info['memory/peak_gib']:.3f} GiB")
+    else:
+        line += "; per-device memory: not reported by this backend"
+    return line
+
+
+def _num(tree: Any) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: jax.sharding.Mesh,
-           rules: shd.Rules) -> dict:
+           rules: shd.Rules, compile_only: bool = False) -> dict:
     from vipo_jax.worlds import build_world
 
     main = shd.is_main_process()
-    if main:
+    if main and not compile_only:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
     world = world or build_world(c, sharding=shd.LogicalSharding(rules, mesh))
     optimizer = make_optimizer(c)
-    _, params = nnx.split(world.policy)
-    state, state_sh = init_sharded_state(params, optimizer, c.seed, rules, mesh)
+    lora, decay = adapters.lora_config(c), adapters.ema_decay(c)
+    policy_params = None  # the trained params are the policy's full state
+    if lora.enabled:
+        world, params, paths = adapters.attach_lora(world, c)
+        policy_params = adapters.policy_params
+        if main:
+            n, total = _num(params), _num(params) + _num(world.frozen[adapters.BASE_KEY])
+            print(f"LoRA rank {lora.rank} (scale {lora.scale:g}) on {len(paths)} layers: {n:,} trained "
+                  f"parameters of {total:,} ({100 * n / total:.2f}%)")
+    else:
+        _, params = nnx.split(world.policy)
+    state, state_sh = init_sharded_state(params, optimizer, c.seed, rules, mesh, ema=decay > 0)
     frozen_sh = shd.param_shardings(world.frozen, rules, mesh)
     world.frozen = shd.place(world.frozen, frozen_sh)
-    ckpt = RunCheckpointer(workdir, keep=c.log.keep_checkpoints)
+    step = make_train_step(world.step_config, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
+                           reward_fns=world.reward_fns, feature_fn=world.feature_fn,
+                           optimizer=optimizer, latent_shape=world.latent_shape,
+                           policy_params=policy_params, ema_decay=decay)
     loader = world.prompt_loader(c)
+
+    def next_batch():
+        return shd.global_batch(world.batch(loader.next()), mesh, rules)
+
+    def compile_for(batch) -> tuple[Any, dict]:
+        fn, info = compile_step(step, state, world.frozen, batch, state_shardings=state_sh,
+                                frozen_shardings=frozen_sh, mesh=mesh)
+        if main:
+            print(compile_report(info), flush=True)
+        return fn, info
+
+    if compile_only:
+        return compile_for(next_batch())[1]
+
+    ckpt = RunCheckpointer(workdir, keep=c.log.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
@@ -135,16 +254,23 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
         if main:
             print(f"resumed from {ckpt.dir} at iteration {start}")
 
-    def next_batch():
-        return shd.global_batch(world.batch(loader.next()), mesh, rules)
-
-    step = make_train_step(world.step_config, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
-                           reward_fns=world.reward_fns, feature_fn=world.feature_fn,
-                           optimizer=optimizer, latent_shape=world.latent_shape)
-    step_fn = None  # jitted on the first batch, whose shardings it takes
+    summary: dict = {}
+    step_fn, pending = None, None
+    if start < c.train.iterations:
+        # The first batch fixes the batch shardings; it is the first iteration's batch.
+        pending = next_batch()
+        step_fn, info = compile_for(pending)
+        summary.update(info)
     rep = shd.replicated(mesh)
-    sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift),
+    sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift,
+                                   policy_params=policy_params),
                       in_shardings=(state_sh["params"], frozen_sh, rep, rep), out_shardings=rep)
+    use_ema = decay > 0 and bool(c.log.get("eval_ema", True))
+
+    def eval_params(state: dict) -> Any:
+        """The weights the evaluation grids and metrics show: the EMA (in the params' dtypes) or the params."""
+        return adapters.as_params_dtype(state["ema"], state["params"]) if use_ema else state["params"]
+
     eval_cond, eval_noise, eval_prompts = world.eval_inputs(c)
     eval_cond, eval_noise = shd.place((eval_cond, eval_noise), jax.tree.map(lambda _: rep, (eval_cond, eval_noise)))
     writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if main else _NullWriter()
@@ -165,19 +291,15 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
     def save(done: int) -> None:
         ckpt.save(done, state, {"iteration": done, "loader": loader.state()})
 
-    summary: dict = {}
     t_last = time.perf_counter()
     with _Stop() as stop:
         if start == 0 and c.log.eval_every:
-            writer.write(0, {f"eval/{k}": v for k, v in evaluate(0, state["params"]).items()})
+            writer.write(0, {f"eval/{k}": v for k, v in evaluate(0, eval_params(state)).items()})
         bar = tqdm(range(start, c.train.iterations), initial=start, total=c.train.iterations,
                    disable=not (progress and main), desc="vipo", dynamic_ncols=True)
         it = start
         for it in bar:
-            batch = next_batch()
-            if step_fn is None:
-                step_fn = jit_train_step(step, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                                         batch_shardings=jax.tree.map(lambda a: a.sharding, batch), mesh=mesh)
+            batch, pending = (pending if pending is not None else next_batch()), None
             state, metrics = step_fn(state, world.frozen, batch)
             metrics = {k: float(v) for k, v in shd.fetch(metrics).items()}
             now = time.perf_counter()
@@ -199,7 +321,7 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
                     f"(iteration {done}); the parameters are unchanged since the last finite update and were "
                     f"checkpointed in {ckpt.dir}. Lower --config.optim.lr or check the reward.")
             if c.log.eval_every and done % c.log.eval_every == 0 and done < c.train.iterations:
-                writer.write(done, {f"eval/{k}": v for k, v in evaluate(done, state["params"]).items()})
+                writer.write(done, {f"eval/{k}": v for k, v in evaluate(done, eval_params(state)).items()})
             stopping = shd.any_process(stop.requested)  # every process stops at the same iteration
             if (c.log.ckpt_every and done % c.log.ckpt_every == 0) or stopping:
                 save(done)
@@ -214,7 +336,7 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
         if ckpt.latest_step() != final:
             save(final)
         if c.log.eval_every:
-            writer.write(final, {f"eval/{k}": v for k, v in evaluate(final, state["params"]).items()})
+            writer.write(final, {f"eval/{k}": v for k, v in evaluate(final, eval_params(state)).items()})
     writer.close()
     ckpt.close()
     summary["iterations"] = final

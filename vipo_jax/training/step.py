@@ -29,6 +29,7 @@ import optax
 
 from vipo_jax import rl
 from vipo_jax.sharding.rules import constrain, constrain_batch
+from vipo_jax.training.adapters import update_ema
 
 Array = jax.Array
 
@@ -102,13 +103,22 @@ def repeat_groups(tree: Any, group_size: int) -> Any:
 
 def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
                     reward_fns: dict[str, Callable], feature_fn: Callable | None,
-                    optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...]):
+                    optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...],
+                    policy_params: Callable[[Any, Any], Any] | None = None, ema_decay: float = 0.0):
     """Build ``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
 
-    ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}``; ``batch`` holds per-prompt
-    conditioning ``batch["cond"]`` (a pytree with leading axis P) and per-prompt reward inputs (the
-    reward functions see them repeated per sample).
+    ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}`` (plus ``"ema"`` when
+    ``ema_decay > 0``); ``batch`` holds per-prompt conditioning ``batch["cond"]`` (a pytree with
+    leading axis P) and per-prompt reward inputs (the reward functions see them repeated per sample).
     ``latent_shape`` is one sample's latent (H, W, C) (or (T, H, W, C) for video).
+
+    ``policy_params(trainable, frozen)``: the policy's full parameters that ``velocity_fn`` takes,
+    built from the trained ``state["params"]`` and the frozen tree (LoRA: adapters + frozen base
+    weights, ``training.adapters.policy_params``); only ``state["params"]`` is differentiated. None:
+    ``state["params"]`` is the policy's full state.
+
+    ``ema_decay > 0``: after the iteration's updates, ``state["ema"] <- d * ema + (1 - d) * params``
+    (skipped when every update of the iteration was skipped as non-finite).
     """
     G = cfg.group_size
     S = cfg.num_steps
@@ -120,6 +130,8 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
 
     def step(state, frozen, batch):
         params = state["params"]
+        full = (lambda p: p) if policy_params is None else (lambda p: policy_params(p, frozen))
+        rollout_params = full(params)
         rng, k_noise, k_sde, k_ts = jax.random.split(state["rng"], 4)
         P = jax.tree.leaves(batch["cond"])[0].shape[0]
         B = P * G
@@ -133,7 +145,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         else:
             x_init = jax.random.normal(k_noise, (B,) + tuple(latent_shape), jnp.float32)
         x_init = constrain_batch(x_init)
-        vel_mb = _chunked(lambda x, s, c: velocity_fn(params, x, s, c), B, mb)
+        vel_mb = _chunked(lambda x, s, c: velocity_fn(rollout_params, x, s, c), B, mb)
         ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
         old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
@@ -181,7 +193,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             c = constrain_batch(jax.tree.map(lambda a: a[j], cond_j))
             lat = lat_j[:, j]
             x_t, x_next = constrain_batch((at_t(lat, t), at_t(lat, t + 1)))
-            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(p, x, s, cc), x_t, x_next,
+            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(full(p), x, s, cc), x_t, x_next,
                                    sigmas[t], sigmas[t + 1], cfg.eta, c)
             # Before the first update the parameters are the rollout's, so the old log-prob is this
             # very value: the ratio is exactly 1 by construction. Later updates use the rollout's
@@ -248,6 +260,8 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         metrics["map/mean"] = jnp.mean(amap) if amap is not None else jnp.float32(1.0)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": rng, "nonfinite": nonfinite}
+        if ema_decay > 0:
+            new_state["ema"] = update_ema(state["ema"], params, ema_decay, jnp.any(ms["skipped"] == 0))
         return new_state, metrics
 
     return step
@@ -266,11 +280,15 @@ def jit_train_step(step: Callable, *, state_shardings: Any, frozen_shardings: An
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shift: float):
-    """Deterministic ODE sampling (eta = 0) for evaluation: (params, frozen, cond, noise) -> images."""
+def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shift: float,
+                 policy_params: Callable[[Any, Any], Any] | None = None):
+    """Deterministic ODE sampling (eta = 0) for evaluation: (params, frozen, cond, noise) -> images.
+    ``policy_params`` as in :func:`make_train_step` (the same merge the training step uses)."""
     sigmas = rl.sigma_schedule(num_steps, shift)
 
     def sample(params, frozen, cond, noise):
+        if policy_params is not None:
+            params = policy_params(params, frozen)
         ro = rl.rollout(lambda x, s, c: velocity_fn(params, x, s, c), noise, cond, sigmas, 0.0,
                         jax.random.PRNGKey(0), deterministic=True)
         return decode_fn(frozen, ro["x0"])

@@ -102,3 +102,31 @@ def validate(c: mlc.ConfigDict) -> None:
     if c.log.every < 1 or c.log.eval_every < 0 or c.log.ckpt_every < 0:
         raise ConfigError("--config.log.every must be >= 1; eval_every and ckpt_every >= 0 (0: off)")
     reward_spec(c)
+    _validate_lora_ema(c)
+
+
+def _validate_lora_ema(c: mlc.ConfigDict) -> None:
+    """LoRA rank / alpha / targets and the EMA decay (sections absent in older configs: off). Whether
+    the targets match any layer is checked when the adapters are attached (that error names real
+    layer paths)."""
+    decay = c.train.get("ema_decay", 0.0)
+    if not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ConfigError(f"--config.train.ema_decay={decay!r} must be in [0, 1) (0: no EMA; e.g. 0.99 averages "
+                          "about the last 100 iterations)")
+    lora = c.get("lora")
+    if lora is None:
+        return
+    rank, alpha = lora.get("rank", 0), lora.get("alpha", 0.0)
+    if not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"--config.lora.rank={rank!r} must be an integer >= 0 (0: LoRA off, full fine-tuning)")
+    if not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ConfigError(f"--config.lora.alpha={alpha!r} must be >= 0 (scale alpha / rank; 0: alpha = rank)")
+    if not isinstance(lora.get("targets", ""), str):
+        raise ConfigError("--config.lora.targets must be a string of comma-separated regular expressions")
+    if rank > 0:
+        from vipo_jax.training.adapters import lora_config
+
+        try:
+            lora_config(c)  # compiles the patterns
+        except ConfigError as e:
+            raise ConfigError(f"--config.{e}") from None
