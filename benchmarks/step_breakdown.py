@@ -1,11 +1,13 @@
 """Time of each phase of one ViPO iteration in the toy world, and the PSM's overhead.
 
     python benchmarks/step_breakdown.py [--repeats 5] [--config.x=...]
+    python benchmarks/step_breakdown.py --config=configs/wan.py:toy   # the video step
 
 Each time is the minimum over ``--repeats`` runs. Phases are jitted separately at the shapes of
 the real step (rollout, VAE decode, reward, PSM =
 DINOv2 features + map, policy update), and the whole step is timed twice: with the PSM (ViPO) and
-without (plain GRPO), which gives the overhead the paper reports (+1.4% step time for images).
+without (plain GRPO), which gives the overhead the paper reports (+1.4% step time for images,
++4.8% for video).
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def main(argv):
     images = decode(world.frozen, ro["x0"])
     per_sample = repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G)
     rewards = jax.jit(lambda f, im: {n: fn(f, im, per_sample) for n, fn in world.reward_fns.items()})
-    psm = jax.jit(lambda f, im: rl.psm_map(world.feature_fn(f, im), world.latent_shape[:2], sc.psm_options()))
+    if len(world.latent_shape) == 4:  # video: per-frame maps -> latent frames -> temporal smoothing
+        psm = jax.jit(lambda f, im: rl.psm_map_video(world.feature_fn(f, im), world.latent_shape[:3],
+                                                     sc.psm_options()))
+    else:
+        psm = jax.jit(lambda f, im: rl.psm_map(world.feature_fn(f, im), world.latent_shape[:2], sc.psm_options()))
 
     times = {
         "rollout": timeit(rollout, params, jax.random.PRNGKey(0), repeats=r),
@@ -94,8 +100,9 @@ def main(argv):
     grpo = min(full["grpo"], full["grpo_again"])
     print(f"| whole step, GRPO (psm.enabled=False), timed before / after | {1e3 * full['grpo']:.1f} / "
           f"{1e3 * full['grpo_again']:.1f} | |")
-    print(f"\nPSM overhead: {100 * (full['vipo'] / grpo - 1):+.1f}% step time (paper: +1.4% on FLUX.1 "
-          f"at 512^2); PSM phase alone {100 * times['psm'] / full['vipo']:.1f}% of the step")
+    paper = "+4.8% on Wan2.1" if len(world.latent_shape) == 4 else "+1.4% on FLUX.1 at 512^2"
+    print(f"\nPSM overhead: {100 * (full['vipo'] / grpo - 1):+.1f}% step time (paper: {paper}); "
+          f"PSM phase alone {100 * times['psm'] / full['vipo']:.1f}% of the step")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ import ml_collections as mlc
 
 from vipo_jax.errors import ConfigError
 
-KNOWN_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward", "redness", "toy_clip")
+KNOWN_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward", "redness", "toy_clip", "videoalign_vq",
+                 "videoalign_mq")
+#: model.variant per model.family: FLUX.1 dev / schnell, Wan2.1 T2V 1.3B / 14B.
+VARIANTS = {"flux": ("dev", "schnell"), "wan": ("1.3b", "14b")}
 CHOICES = {
     "world": ("real", "toy"),
-    "model.variant": ("dev", "schnell"),
+    "model.family": tuple(VARIANTS),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "save_all_dots", "offload_dots"),
@@ -44,11 +47,34 @@ def reward_spec(c: mlc.ConfigDict) -> list[tuple[str, float]]:
     return list(zip(names, vals))
 
 
+def _validate_video(c: mlc.ConfigDict) -> None:
+    """The Wan settings: clip length, classifier-free guidance, per-frame scoring."""
+    s = c.sampling
+    if s.num_frames < 1 or (s.num_frames - 1) % 4:
+        raise ConfigError(f"--config.sampling.num_frames={s.num_frames}: the Wan VAE takes 1 + 4k frames "
+                          "(e.g. 53 in the ViPO recipe, 81 in Wan2.1's default)")
+    if s.guidance < 0:
+        raise ConfigError(f"--config.sampling.guidance={s.guidance} must be >= 0 (true CFG scale; <= 1 turns "
+                          "the unconditional pass off)")
+    if not isinstance(s.negative_prompt, str):
+        raise ConfigError("--config.sampling.negative_prompt must be a string (\"\" for none)")
+    if s.fps <= 0:
+        raise ConfigError(f"--config.sampling.fps={s.fps} must be > 0 (frame rate of the saved GIFs)")
+    if c.psm.frames_per_call < 0 or c.rewards.frames_per_call < 0:
+        raise ConfigError("--config.psm.frames_per_call and --config.rewards.frames_per_call must be >= 0 (0: all "
+                          "frames of a video in one call)")
+    if c.rewards.frame_stride < 1:
+        raise ConfigError(f"--config.rewards.frame_stride={c.rewards.frame_stride} must be >= 1")
+
+
 def validate(c: mlc.ConfigDict) -> None:
     for key, choices in CHOICES.items():
         v = _get(c, key)
         if v not in choices:
             raise ConfigError(f"--config.{key}={v!r} is not one of {', '.join(choices)}")
+    if c.model.variant not in VARIANTS[c.model.family]:
+        raise ConfigError(f"--config.model.variant={c.model.variant!r} is not a {c.model.family} variant: "
+                          f"use one of {', '.join(VARIANTS[c.model.family])}")
     s, t = c.sampling, c.train
     if s.group_size < 2:
         raise ConfigError(f"--config.sampling.group_size={s.group_size}: GRPO needs at least 2 "
@@ -60,7 +86,9 @@ def validate(c: mlc.ConfigDict) -> None:
                           "multiples of 16 (VAE downsampling x 2x2 latent packing)")
     if not 1 <= s.max_text_len <= 512:
         raise ConfigError(f"--config.sampling.max_text_len={s.max_text_len}: the T5 prompt length must be "
-                          "in 1..512 (FLUX.1: 512 for dev, 256 for schnell)")
+                          "in 1..512 (FLUX.1: 512 for dev, 256 for schnell; Wan2.1: 512)")
+    if c.model.family == "wan":
+        _validate_video(c)
     if s.num_steps < 2:
         raise ConfigError(f"--config.sampling.num_steps={s.num_steps} must be >= 2 (the last step is never trained)")
     if s.shift <= 0:

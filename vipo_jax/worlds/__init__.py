@@ -1,4 +1,4 @@
-"""Model-specific wiring of the training loop: the toy and real Flux (and later Wan) worlds."""
+"""Model-specific wiring of the training loop: the toy and real Flux and Wan worlds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ def build_world(c, sharding: Any = None) -> Any:
         from vipo_jax.worlds.flux import build_flux_world
 
         return build_flux_world(c, sharding=sharding)
+    if c.model.family == "wan":
+        from vipo_jax.worlds.wan import build_wan_world
+
+        return build_wan_world(c, sharding=sharding)
     from vipo_jax.errors import ConfigError
 
-    raise ConfigError(f"--config.model.family={c.model.family!r}: only 'flux' is available")
+    raise ConfigError(f"--config.model.family={c.model.family!r}: use 'flux' or 'wan'")

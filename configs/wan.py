@@ -1,0 +1,122 @@
+"""ViPO on Wan2.1 text-to-video.
+
+COMMAND:
+  # the embedded video toy world (moving digits; CPU, minutes):
+  python -m vipo_jax.train --config=configs/wan.py:toy --workdir=runs/wan_toy
+  # plain GRPO (DanceGRPO) baseline in the video toy world:
+  python -m vipo_jax.train --config=configs/wan.py:toy --config.psm.enabled=False --workdir=runs/wan_toy_grpo
+  # the paper's Wan2.1-T2V-1.3B recipe (SPEC 1.5) from a local diffusers folder:
+  python -m vipo_jax.train --config=configs/wan.py --config.model.path=/path/to/Wan2.1-T2V-1.3B-Diffusers \
+      --config.psm.backbone=/path/to/dinov2-large --config.rewards.hpsv21=/path/to/hps_v21.safetensors \
+      --config.rewards.clip_tokenizer=/path/to/clip-tokenizer --config.data.prompts=prompts.txt --workdir=runs/wan
+
+Arguments after the colon: "toy" (embedded video toy world), "" or "1.3b" (Wan2.1-T2V-1.3B recipe),
+"14b" (the same recipe on Wan2.1-T2V-14B).
+
+Rewards: the paper trains Wan with VideoAlign's VQ + MQ heads (coefficients 1, 1). VideoAlign is not
+ported (``--config.rewards.names=videoalign_vq,videoalign_mq`` stops with a message that says what
+its port must provide), so the real recipe defaults to HPSv2.1 scored on every frame and averaged
+over frames (``rewards.frame_stride`` thins the frames).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections as mlc
+
+
+def _flux_config() -> mlc.ConfigDict:
+    """configs/flux.py's FLUX.1-dev config, loaded from beside this file (whatever the working
+    directory): the sections both families share (train, optim, psm, data, log, mesh, sharding)."""
+    spec = importlib.util.spec_from_file_location("_vipo_configs_flux", Path(__file__).with_name("flux.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config("")
+
+
+def _common() -> mlc.ConfigDict:
+    c = _flux_config()
+    c.model.family = "wan"
+    c.model.path = ""  # a diffusers Wan2.1 T2V folder (transformer/, vae/, text_encoder/, tokenizer/)
+    c.model.variant = "1.3b"  # 1.3b | 14b
+    c.model.param_dtype = "float32"  # master weights
+    c.model.dtype = "bfloat16"  # compute
+    c.model.remat = "full"
+
+    s = c.sampling
+    s.height = 240
+    s.width = 416
+    s.num_frames = 53  # 1 + 4k: 14 latent frames
+    s.fps = 16.0  # of the saved GIFs (Wan2.1 generates at 16 fps)
+    s.num_steps = 16
+    s.shift = 8.0
+    s.eta = 0.25
+    s.guidance = 5.0  # true classifier-free guidance, rollout and training; <= 1: off
+    # Wan2.1's default negative prompt (the ViPO Wan script's); "" is diffusers' WanPipeline default.
+    from vipo_jax.worlds.wan import WAN_NEGATIVE_PROMPT
+
+    s.negative_prompt = WAN_NEGATIVE_PROMPT
+    s.cfg_uncond_grad = False  # False: no gradient through the unconditional half (as the official script)
+    s.group_size = 8
+    s.prompts_per_iter = 8
+    s.init_same_noise = True
+    s.max_text_len = 512  # UMT5 positions (WanPipeline: 512, zero vectors after each prompt)
+
+    c.train.iterations = 300
+    c.optim.lr = 5e-6
+
+    c.psm.frames_per_call = 0  # DINOv2 frames per video per call (0: all; lower it to save memory)
+
+    c.rewards.names = "hpsv21"  # the paper: videoalign_vq,videoalign_mq (not ported), coefs 1.0,1.0
+    c.rewards.coefs = "1.0"
+    c.rewards.clip_tokenizer = ""  # CLIP tokenizer folder for the CLIP-family rewards' prompts
+    c.rewards.frame_stride = 1  # score every k-th frame (and the last)
+    c.rewards.frames_per_call = 0  # reward-model frames per video per call (0: all)
+
+    c.log.eval_every = 50
+    c.log.num_eval_prompts = 4
+    return c
+
+
+def _toy(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    c.world = "toy"
+    c.model.path = ""  # empty: the video toy checkpoints shipped in vipo_jax/toy/assets/video
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    s = c.sampling
+    s.height = 32
+    s.width = 32
+    s.num_frames = 9  # 3 latent frames of 8x8
+    s.fps = 6.0
+    s.num_steps = 8
+    s.shift = 3.0  # a small latent: the image toy world's shift
+    s.eta = 0.25
+    s.guidance = 5.0
+    s.negative_prompt = ""  # the toy tokenizer knows only caption words; the toy DiT learned "" as unconditional
+    s.group_size = 8
+    s.prompts_per_iter = 4
+    s.max_text_len = 8
+    c.train.iterations = 100
+    c.optim.lr = 5e-5
+    c.rewards.names = "redness"
+    c.rewards.coefs = "1.0"
+    c.log.eval_every = 25
+    c.log.num_eval_prompts = 8
+    c.log.ckpt_every = 20
+    return c
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    c = _common()
+    arg = (arg or "").strip().lower()
+    if arg == "toy":
+        return _toy(c)
+    if arg == "14b":
+        c.model.variant = "14b"
+        return c
+    if arg not in ("", "1.3b"):
+        raise ValueError(f"configs/wan.py: unknown argument {arg!r}; use toy, 1.3b or 14b")
+    return c
