@@ -477,6 +477,9 @@ def test_paper_sweeps(in_repo):
                                      "smooth_sigma-0.5_seed-0", "num_components-5_seed-2"}
     quick = sw.expand(sw.load_sweep("configs/sweeps/toy_ablations.py:quick"), "runs/x")
     assert len(quick) == 14 and all(p.config.train.iterations == 10 for p in quick)
+    pts = sw.expand(sw.load_sweep("configs/sweeps/toy_clip.py"), "runs/x")
+    assert [p.name for p in pts] == [f"{m}_seed-{s}" for m in ("grpo", "vipo") for s in range(3)]
+    assert all(p.config.rewards.names == "toy_clip" for p in pts)
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections

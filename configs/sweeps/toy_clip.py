@@ -1,0 +1,35 @@
+"""The paper's in-domain vs out-of-domain question in the toy world: train on the toy CLIP score
+(the in-domain reward) with plain GRPO and with ViPO, then score the base model and both runs on
+the 54 held-out prompt combinations with every toy metric (out-of-domain: digit accuracy, colour
+match, redness; in-domain: the toy CLIP score itself).
+
+COMMAND:
+  python -m launch.sweep --sweep=configs/sweeps/toy_clip.py --workdir=runs/toy_clip
+  python -m launch.report --workdir=runs/toy_clip
+  python -m vipo_jax.evaluate --config=configs/flux.py:toy --config.rewards.names=toy_clip \\
+      --checkpoint=base --checkpoint=grpo=runs/toy_clip/grpo_seed-0 --checkpoint=vipo=runs/toy_clip/vipo_seed-0 \\
+      --out=runs/toy_clip/eval
+"""
+
+from __future__ import annotations
+
+SEEDS = [0, 1, 2]
+
+
+def get_sweep(arg: str | None = None) -> dict:
+    arg = (arg or "").strip()
+    if arg not in ("", "quick"):
+        raise ValueError(f"configs/sweeps/toy_clip.py: unknown argument {arg!r}; use quick or nothing")
+    seeds = SEEDS[:1] if arg == "quick" else SEEDS
+    fixed = {"config.rewards.names": "toy_clip", "config.rewards.coefs": "1.0"}
+    if arg == "quick":
+        fixed.update({"config.train.iterations": 10, "config.log.eval_every": 0})
+    return {
+        "config": "configs/flux.py:toy",
+        "grids": {
+            "grpo": {"config.psm.enabled": [False], "config.seed": seeds},
+            "vipo": {"config.psm.enabled": [True], "config.seed": seeds},
+        },
+        "name": "{label}_seed-{seed}",
+        "fixed": fixed,
+    }
