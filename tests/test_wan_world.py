@@ -83,6 +83,7 @@ def toy_config(**over):
     c.sampling.group_size = 4
     c.log.num_eval_prompts = 2
     c.log.tensorboard = False
+    c.sampling.guidance = 5.0  # the toy default runs without CFG; these tests check the CFG path
     for k, v in over.items():
         section, name = k.split(".")
         c[section][name] = v

@@ -24,7 +24,7 @@ def video_assets_dir(path: str | os.PathLike | None = None) -> Path:
     if not (p / "transformer" / "model.safetensors").is_file():
         raise CheckpointError(
             f"video toy-world checkpoints not found in {p}. They ship with the package; if you deleted them, "
-            f"run `python -m vipo_jax.toy.pretrain_video --out={p}` (about 10 minutes on 2 CPU cores).")
+            f"run `python -m vipo_jax.toy.pretrain_video --out={p}` (about 25 minutes on 2 CPU cores).")
     return p
 
 
