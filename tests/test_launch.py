@@ -354,7 +354,7 @@ def test_duplicate_names_fail(tmp_path: Path, in_repo):
 @pytest.mark.parametrize("axes, message", [
     ('{"config.psm.num_component": [1]}', r"unknown config key 'config.psm.num_component'\. Did you mean "
                                           r"config.psm.num_components\? Keys in config.psm: aggregation, backbone"),
-    ('{"psmm.enabled": [True]}', r"Did you mean config.psm.enabled\? Keys in config: data, log, mesh, model"),
+    ('{"psmm.enabled": [True]}', r"Did you mean config.psm.enabled\? Keys in config: data, log, lora, mesh, model"),
     ('{"config.seed.x": [1]}', r"config.seed.x.*seed is a value, not a group"),
     ('{"config.psm": [1]}', r"'config.psm' is a group, not a value; its keys: aggregation"),
     ('{"config.sampling.group_size": [2.5]}', r"group_size=2.5 \(float\) does not match .* 8 \(int\)"),

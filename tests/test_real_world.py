@@ -207,7 +207,7 @@ def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
     import numpy as np
 
     from tests.test_image_reward import write_reference
-    from vipo_jax.evaluate import eval_config
+    from vipo_jax.evaluation.run import eval_config
     from vipo_jax.rewards.image_reward import ImageRewardScorer
     from vipo_jax.worlds import build_world
 

@@ -26,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vipo_jax.errors import VipoError
+from vipo_jax.evaluation.run import EVAL_REWARDS, eval_config  # noqa: F401 (part of this CLI's API)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] of the evaluated runs",
                                           lock_config=False)
@@ -38,23 +39,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per jitted sampling cal
 _GRID = flags.DEFINE_integer("grid_prompts", 8, "prompts shown in the image grids")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
 _USE_EMA = flags.DEFINE_bool("use_ema", False, "evaluate the runs' EMA weights (train.ema_decay > 0)")
-
-EVAL_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward")
-
-
-def eval_config(c):
-    """The run's config with every reward model that has a path scored (real worlds) and the PSM
-    backbone left unloaded (evaluation does not need it)."""
-    c = c.copy_and_resolve_references()
-    if c.world != "toy":
-        trained = [n.strip() for n in str(c.rewards.names).split(",") if n.strip()]
-        extra = [n for n in EVAL_REWARDS if n not in trained and n in c.rewards and c.rewards[n]]
-        names = trained + extra
-        c.rewards.names = ",".join(names)
-        c.rewards.coefs = ",".join(["1.0"] * len(names))
-        c.psm.enabled = False
-    return c
-
 
 def default_prompts(c) -> list[str]:
     from vipo_jax.data.prompts import load_prompts

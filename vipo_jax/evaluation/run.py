@@ -24,6 +24,24 @@ from vipo_jax.training.step import make_sampler
 EVAL_NOISE_SEED = 9876
 
 
+#: Reward models a real world's evaluation scores whenever the config gives their path.
+EVAL_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward")
+
+
+def eval_config(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The run's config with every reward model that has a path scored (real worlds) and the PSM
+    backbone left unloaded (evaluation does not need it)."""
+    c = c.copy_and_resolve_references()
+    if c.world != "toy":
+        trained = [n.strip() for n in str(c.rewards.names).split(",") if n.strip()]
+        extra = [n for n in EVAL_REWARDS if n not in trained and n in c.rewards and c.rewards[n]]
+        names = trained + extra
+        c.rewards.names = ",".join(names)
+        c.rewards.coefs = ",".join(["1.0"] * len(names))
+        c.psm.enabled = False
+    return c
+
+
 def eval_noise(seed: int, num_prompts: int, latent_shape: tuple[int, ...]) -> jax.Array:
     """One initial noise per (seed, prompt), independent of the batch size used to sample."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(EVAL_NOISE_SEED + seed), i))(
