@@ -1,5 +1,10 @@
 """The toy world's main comparison: plain GRPO (the DanceGRPO baseline, PSM off) against ViPO, 3 seeds.
 
+At lr 2e-5 (the embedded default's 5e-5 turns every image pure red within 100 iterations for both
+methods, which leaves nothing to compare): how much redness each gains, and whether the digit is
+still read by the classifier and the colours still follow the prompt (the evaluation every 25
+iterations on the fixed evaluation prompts).
+
 COMMAND:
   python -m launch.sweep --sweep=configs/sweeps/toy_grpo_vs_vipo.py --workdir=runs/toy_grpo_vs_vipo
   # smoke test (one seed, 10 iterations, no evaluation):
@@ -23,5 +28,6 @@ def get_sweep(arg: str | None = None) -> dict:
             "vipo": {"config.psm.enabled": [True], "config.seed": seeds},
         },
         "name": "{label}_seed-{seed}",
-        "fixed": {"config.train.iterations": 10, "config.log.eval_every": 0} if arg == "quick" else {},
+        "fixed": {"config.optim.lr": 2e-5, **({"config.train.iterations": 10, "config.log.eval_every": 0}
+                                              if arg == "quick" else {})},
     }
