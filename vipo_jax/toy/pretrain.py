@@ -12,7 +12,6 @@ made with the default arguments; the whole run takes about 20 minutes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.toy import sizes
+from vipo_jax.toy.fit import fit
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 STAGES = ("tokenizers", "t5", "vae", "clip", "dinov2", "classifier", "transformer")
@@ -63,42 +63,6 @@ def make_data(n: int, seed: int) -> Data:
     return Data(images=(d.images * 255).round().astype(np.uint8), labels=d.labels.astype(np.int32),
                 caption_idx=np.array([index[c] for c in d.captions], np.int32), prompts=prompts,
                 alpha=np.clip(alpha, 0, 1).astype(np.float32))
-
-
-def fit(model: nnx.Module, loss_fn, make_batch, steps: int, lr: float, desc: str, wd: float = 0.0,
-        ema_decay: float = 0.0) -> list[float]:
-    """Adam(W) with warmup + cosine decay; ``loss_fn(model, *batch) -> scalar``. With ``ema_decay``
-    the model ends holding the exponential moving average of its weights (better samples for a
-    diffusion model at no extra compute)."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(2, steps), lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=wd))
-    # Plain jax.jit over the split state (not nnx.jit): the per-call graph traversal of nnx.jit costs
-    # ~30 ms, 10-15% of a toy step on 2 cores.
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-    ema = jax.tree.map(jnp.copy, params) if ema_decay else None
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, opt_state, ema, i, *batch):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), *batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if ema is not None:
-            d = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))  # short warm-up of the average
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
-        return params, opt_state, ema, loss
-
-    losses = []
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, mininterval=2)
-    for i in bar:
-        params, opt_state, ema, loss = step(params, opt_state, ema, i, *make_batch(i))
-        losses.append(loss)  # a device scalar: reading it every step would stall the dispatch queue
-        if i % 20 == 19:
-            losses[-20:] = [float(v) for v in losses[-20:]]
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    losses = [float(v) for v in losses]
-    nnx.update(model, ema if ema is not None else params)
-    return losses
 
 
 def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:

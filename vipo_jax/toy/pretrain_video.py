@@ -24,7 +24,6 @@ The DINOv2 (PSM), toy CLIP and digit classifier are the image toy world's (``vip
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 import time
@@ -33,12 +32,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.toy import sizes
+from vipo_jax.toy.fit import fit
 from vipo_jax.toy.video_assets import VIDEO_ASSETS
 
 STAGES = ("text", "vae", "transformer")
@@ -77,41 +76,6 @@ def make_clips(n: int, seed: int) -> Clips:
     index = {p: i for i, p in enumerate(prompts)}
     return Clips(videos=(s.videos * 255).round().astype(np.uint8), labels=s.labels,
                  caption_idx=np.array([index[c] for c in s.captions], np.int32), prompts=prompts)
-
-
-def fit(model: nnx.Module, loss_fn, make_batch, steps: int, lr: float, desc: str, wd: float = 0.0,
-        ema_decay: float = 0.0) -> list[float]:
-    """AdamW with warm-up and cosine decay, gradient clipping at 1; with ``ema_decay`` the model
-    ends holding the exponential moving average of its weights (better diffusion samples). One
-    plain ``jax.jit`` over the split state per step (optimizer and average included, buffers
-    donated), and the loss is read every 20 steps only, so the dispatch queue never stalls."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(2, steps), lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=wd))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-    ema = jax.tree.map(jnp.copy, params) if ema_decay else None
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, opt_state, ema, i, *batch):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), *batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if ema is not None:
-            d = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))  # short warm-up of the average
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
-        return params, opt_state, ema, loss
-
-    losses = []
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, mininterval=5)
-    for i in bar:
-        params, opt_state, ema, loss = step(params, opt_state, ema, i, *make_batch(i))
-        losses.append(loss)
-        if i % 20 == 19:
-            losses[-20:] = [float(v) for v in losses[-20:]]
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    losses = [float(v) for v in losses]
-    nnx.update(model, ema if ema is not None else params)
-    return losses
 
 
 def stage_text(out: Path, seed: int) -> dict:
