@@ -246,7 +246,7 @@ def test_logical_sharding_loads_by_names(tmp_path):
 
     @dataclasses.dataclass
     class Cfg:
-        pass
+        """The test velocity model takes no configuration."""
 
     model = load_native(tmp_path / "v", "velocity", Cfg, lambda cfg, rngs: Velocity(rngs), sharding=fn)
     k = model.l_up.kernel[...]

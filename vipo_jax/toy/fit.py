@@ -12,6 +12,16 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 
+def vae_loss(m: nnx.Module, x: jax.Array, k: jax.Array) -> jax.Array:
+    """L1 + L2 reconstruction of [0, 1] pixels through a sampled latent, plus a small KL term; the
+    loss both toy VAEs (AutoencoderKL, Wan VAE) are trained with."""
+    mean, logvar = m.encode(x * 2 - 1)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k, mean.shape)
+    rec = (m.decode(z) + 1) / 2
+    kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1 - logvar)
+    return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-4 * kl
+
+
 def fit(model: nnx.Module, loss_fn, make_batch, steps: int, lr: float, desc: str, wd: float = 0.0,
         ema_decay: float = 0.0) -> list[float]:
     """Adam(W) with warmup + cosine decay; ``loss_fn(model, *batch) -> scalar``. With ``ema_decay``

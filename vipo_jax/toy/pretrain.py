@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.toy import sizes
-from vipo_jax.toy.fit import fit
+from vipo_jax.toy.fit import fit, vae_loss
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 STAGES = ("tokenizers", "t5", "vae", "clip", "dinov2", "classifier", "transformer")
@@ -74,13 +74,6 @@ def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
 
-    def loss_fn(m, x, k):
-        mean, logvar = m.encode(x * 2 - 1)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k, mean.shape)
-        rec = (m.decode(z) + 1) / 2
-        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1 - logvar)
-        return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-4 * kl
-
     def batch(i):
         # Random 32x32 crops: the VAE is convolutional (its mid-block attention is global but
         # size-agnostic), and a crop costs a quarter of a full image on 2 CPU cores.
@@ -88,7 +81,7 @@ def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:
         oy, ox = rng.integers(0, 33, 2)
         return x[:, oy:oy + 32, ox:ox + 32], jax.random.fold_in(key, i)
 
-    losses = fit(vae, loss_fn, batch, int(700 * scale), 2e-3, "vae")
+    losses = fit(vae, vae_loss, batch, int(700 * scale), 2e-3, "vae")
     enc = jax.jit(lambda x: vae.encode(x * 2 - 1)[0])
     lat = np.concatenate([np.asarray(enc(data.images[i:i + 256].astype(np.float32) / 255))
                           for i in range(0, min(len(data.images), 2048), 256)])

@@ -37,7 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.toy import sizes
-from vipo_jax.toy.fit import fit
+from vipo_jax.toy.fit import fit, vae_loss
 from vipo_jax.toy.video_assets import VIDEO_ASSETS
 
 STAGES = ("text", "vae", "transformer")
@@ -106,13 +106,6 @@ def stage_vae(data: Clips, out: Path, steps: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
 
-    def loss_fn(m, x, k):
-        mean, logvar = m.encode(x * 2 - 1)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k, mean.shape)
-        rec = (m.decode(z) + 1) / 2
-        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1 - logvar)
-        return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-4 * kl
-
     def batch(i):
         # Random 16x16 crops of 5 consecutive frames (a valid 1 + 4 clip), every 4th step all 9 frames
         # (so the chunk-to-chunk causal context is trained too): the VAE is convolutional, and a full
@@ -123,7 +116,7 @@ def stage_vae(data: Clips, out: Path, steps: int, seed: int) -> dict:
         t1 = x.shape[1] if i % 4 == 3 else t0 + 5
         return x[:, t0:t1, oy:oy + 16, ox:ox + 16], jax.random.fold_in(key, i)
 
-    losses = fit(vae, loss_fn, batch, steps, 2e-3, "vae")
+    losses = fit(vae, vae_loss, batch, steps, 2e-3, "vae")
     enc = jax.jit(lambda x: vae.encode(x * 2 - 1)[0])
     lat = np.concatenate([np.asarray(enc(data.videos[i:i + 64].astype(np.float32) / 255))
                           for i in range(0, min(len(data.videos), 512), 64)])

@@ -119,20 +119,11 @@ class FluxWorld:
         return cond, noise, self.eval_prompts
 
     def eval_metrics(self, images: np.ndarray, prompts: list[str]) -> dict:
-        """Mean of every eval metric over host ``images``: jitted, with the inputs replicated on the
-        current mesh (``jax.set_mesh``), so it runs next to sharded frozen models on any host count."""
-        from vipo_jax.sharding import fetch, place, replicated
+        """Mean of every eval metric over host ``images`` of the evaluation prompts."""
+        from vipo_jax.worlds.metrics import eval_means
 
-        batch = {k: np.asarray(v) for k, v in self.eval_cond.items() if k not in ("t5", "pooled")}
-        args = (np.asarray(images, np.float32), batch)
-        mesh = jax.sharding.get_mesh()
-        if not mesh.empty:
-            args = place(args, jax.tree.map(lambda _: replicated(mesh), args))
-        if "eval" not in self._jitted:
-            fns = self.eval_fns
-            self._jitted["eval"] = jax.jit(
-                lambda frozen, im, b: {name: jnp.mean(fn(frozen, im, b)) for name, fn in fns.items()})
-        return {k: float(v) for k, v in fetch(self._jitted["eval"](self.frozen, *args)).items()}
+        batch = {k: v for k, v in self.eval_cond.items() if k not in ("t5", "pooled")}
+        return eval_means(self._jitted, self.eval_fns, self.frozen, images, batch)
 
 
 def _toy_rewards(world_frozen_graphdefs: dict, names: list[str]) -> tuple[dict, dict]:

@@ -113,20 +113,11 @@ class WanWorld:
         return self.batch_from(self.eval_cond, np.arange(n))["cond"], noise, self.eval_prompts
 
     def eval_metrics(self, videos: np.ndarray, prompts: list[str]) -> dict:
-        """Mean of every eval metric over host ``videos`` (n, T, H, W, 3), jitted, inputs replicated
-        on the current mesh (as FluxWorld.eval_metrics)."""
-        from vipo_jax.sharding import fetch, place, replicated
+        """Mean of every eval metric over host ``videos`` (n, T, H, W, 3) of the evaluation prompts."""
+        from vipo_jax.worlds.metrics import eval_means
 
-        batch = {k: np.asarray(v) for k, v in self.eval_cond.items() if k not in COND_KEYS}
-        args = (np.asarray(videos, np.float32), batch)
-        mesh = jax.sharding.get_mesh()
-        if not mesh.empty:
-            args = place(args, jax.tree.map(lambda _: replicated(mesh), args))
-        if "eval" not in self._jitted:
-            fns = self.eval_fns
-            self._jitted["eval"] = jax.jit(
-                lambda frozen, v, b: {name: jnp.mean(fn(frozen, v, b)) for name, fn in fns.items()})
-        return {k: float(v) for k, v in fetch(self._jitted["eval"](self.frozen, *args)).items()}
+        batch = {k: v for k, v in self.eval_cond.items() if k not in COND_KEYS}
+        return eval_means(self._jitted, self.eval_fns, self.frozen, videos, batch)
 
 
 def guidance_scale(c: mlc.ConfigDict) -> float | None:
