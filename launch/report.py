@@ -40,12 +40,24 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def run_numbers(workdir: Path) -> dict[str, float]:
-    """summary.json's numbers plus the last evaluation's ``eval/*`` metrics of one run."""
+    """summary.json's numbers, the first/last 10% of the training batches' ``reward/*`` and
+    ``map/mean``, and the last evaluation's ``eval/*`` metrics of one run."""
     out: dict[str, float] = {}
     s = workdir / "summary.json"
     if s.is_file():
         out.update({k: float(v) for k, v in json.loads(s.read_text()).items() if isinstance(v, int | float)})
-    evals = [r for r in _records(workdir) if any(k.startswith("eval/") for k in r)]
+    records = _records(workdir)
+    # First/last 10% of every training metric the trainer logs for the batches (reward/* incl.
+    # the unweighted toy metrics, map/mean): what a run without periodic evaluation can report.
+    train = [r for r in records if "loss" in r]
+    if train:
+        k = max(1, len(train) // 10)
+        for key in sorted({key for r in train for key in r if key.startswith("reward/") or key == "map/mean"}):
+            for part, recs in (("first10pct", train[:k]), ("last10pct", train[-k:])):
+                vals = [r[key] for r in recs if r.get(key) is not None]
+                if vals and f"{key}/{part}" not in out:
+                    out[f"{key}/{part}"] = float(np.mean(vals))
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     if evals:
         out.update({k: float(v) for k, v in evals[-1].items() if k.startswith("eval/")})
         first = evals[0]

@@ -464,7 +464,7 @@ def test_paper_sweeps(in_repo):
     base = sw.load_config("configs/flux.py:toy")
     changed = {}
     for p in pts:
-        diff = {k: v for k, v in p.overrides.items() if k != "seed"}
+        diff = {k: v for k, v in p.overrides.items() if k not in ("seed", "train.iterations", "log.eval_every")}
         assert len(diff) <= 1, p  # one factor at a time
         for k, v in diff.items():
             assert v != sw.check_key(base, k, "t"), p  # never the default again
@@ -477,7 +477,12 @@ def test_paper_sweeps(in_repo):
                                      "smooth_sigma-0.5_seed-0", "num_components-5_seed-2"}
     quick = sw.expand(sw.load_sweep("configs/sweeps/toy_ablations.py:quick"), "runs/x")
     assert len(quick) == 14 and all(p.config.train.iterations == 10 for p in quick)
+    budget = sw.expand(sw.load_sweep("configs/sweeps/toy_ablations.py:budget"), "runs/x")
+    assert len(budget) == 3 + 13 and all(p.config.train.iterations == 50 for p in budget)
+    assert sorted(p.name for p in budget if p.name.startswith("default")) == [f"default_seed-{s}" for s in range(3)]
+    assert all(p.config.log.eval_every == 0 for p in budget + pts)
     pts = sw.expand(sw.load_sweep("configs/sweeps/toy_clip.py"), "runs/x")
+    assert all(p.config.log.eval_every == 0 for p in pts)
     assert [p.name for p in pts] == [f"{m}_seed-{s}" for m in ("grpo", "vipo") for s in range(3)]
     assert all(p.config.rewards.names == "toy_clip" for p in pts)
 
@@ -552,6 +557,26 @@ def test_report_groups_seeds_mean_std(tmp_path: Path, capsys):
     assert "| vipo | 3 | 0.067 ± 0.058 | 0.750 ± 0.050 |" in md and "--config.psm.enabled=True" in md
     assert (tmp_path / "curves.png").is_file()
     assert "report.md" in capsys.readouterr().out
+
+
+def test_report_train_metrics_first_last_10pct(tmp_path: Path):
+    """A run without periodic evaluation still reports every training-batch metric, first/last 10%."""
+    import numpy as np
+
+    from launch import report
+
+    wd = tmp_path / "r"
+    wd.mkdir()
+    acc, m = np.linspace(0.9, 0.1, 20), np.linspace(0.3, 0.5, 20)
+    recs = [{"step": i + 1, "loss": 0.0, "reward/digit_accuracy": acc[i], "map/mean": m[i], "reward_std/redness": 9.0}
+            for i in range(20)]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (wd / "summary.json").write_text(json.dumps({"iterations": 20}))
+    got = report.run_numbers(wd)
+    assert abs(got["reward/digit_accuracy/first10pct"] - acc[:2].mean()) < 1e-12
+    assert abs(got["reward/digit_accuracy/last10pct"] - acc[-2:].mean()) < 1e-12
+    assert abs(got["map/mean/last10pct"] - m[-2:].mean()) < 1e-12
+    assert not any(k.startswith("reward_std") for k in got)
 
 
 def test_report_errors(tmp_path: Path, capsys):

@@ -21,9 +21,10 @@ def get_sweep(arg: str | None = None) -> dict:
     if arg not in ("", "quick"):
         raise ValueError(f"configs/sweeps/toy_clip.py: unknown argument {arg!r}; use quick or nothing")
     seeds = SEEDS[:1] if arg == "quick" else SEEDS
-    fixed = {"config.rewards.names": "toy_clip", "config.rewards.coefs": "1.0"}
+    # No periodic evaluation: the held-out evaluation after training is the measurement.
+    fixed = {"config.rewards.names": "toy_clip", "config.rewards.coefs": "1.0", "config.log.eval_every": 0}
     if arg == "quick":
-        fixed.update({"config.train.iterations": 10, "config.log.eval_every": 0})
+        fixed["config.train.iterations"] = 10
     return {
         "config": "configs/flux.py:toy",
         "grids": {
