@@ -25,7 +25,10 @@ import numpy as np
 
 #: Columns by default: reward gained on the training batches, then the final evaluation.
 DEFAULT_COLUMNS = ("{reward}/first10pct", "{reward}/last10pct", "eval/{main}", "eval/digit_accuracy",
-                   "eval/color_match", "eval/toy_clip", "eval/redness")
+                   "eval/color_match", "eval/toy_clip", "eval/redness",
+                   # the training batches' metrics, for runs without periodic evaluation
+                   "reward/digit_accuracy/last10pct", "reward/toy_clip/last10pct", "reward/redness/last10pct",
+                   "map/mean/last10pct")
 
 
 class ReportError(ValueError):
@@ -94,6 +97,19 @@ def fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
 
 
+def _trained_reward(workdirs: list[Path]) -> str:
+    """The trained reward's key: the first ``reward/*`` of a run's summary.json (which holds only
+    the trained rewards), else ``reward``."""
+    for w in workdirs:
+        s = w / "summary.json"
+        if s.is_file():
+            keys = sorted(k[: -len("/first10pct")] for k in json.loads(s.read_text())
+                          if k.startswith("reward/") and k.endswith("/first10pct"))
+            if keys:
+                return keys[0]
+    return "reward"
+
+
 def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward: str | None = None) -> dict:
     """Per group: the runs used, and mean / std / n of every column. ``reward``: the trained
     reward's name (default: the first ``reward/*`` key a summary has)."""
@@ -109,8 +125,7 @@ def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward:
         if not runs:
             continue
         if reward is None:
-            keys = sorted({k.split("/first10pct")[0] for v in runs.values() for k in v if k.endswith("/first10pct")})
-            reward = keys[0] if keys else "reward"
+            reward = _trained_reward([Path(p["workdir"]) for p in points])
         cols = list(columns or [c.format(reward=reward, main=reward.split("/", 1)[-1]) for c in DEFAULT_COLUMNS])
         cols = list(dict.fromkeys(cols))
         stats = {}
@@ -122,6 +137,10 @@ def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward:
                        "workdirs": [p["workdir"] for p in points if p["name"] in runs], "stats": stats}
     if not table:
         raise ReportError(f"no finished run in {workdir} (a finished run has summary.json)")
+    if columns is None:  # the defaults: drop the columns no run has
+        for g in table.values():
+            g["stats"] = {c: v for c, v in g["stats"].items()
+                          if any(t["stats"].get(c, (0, 0, 0))[2] for t in table.values())}
     return {"sweep": manifest.get("sweep"), "config": manifest.get("config"), "reward": reward, "groups": table}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from flax import nnx
 from configs.flux import get_config
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.evaluation import CheckpointSpec, eval_noise, evaluate, parse_checkpoint, restore_params
+from vipo_jax.evaluation.checkpoints import expand_checkpoint, group_stats
 from vipo_jax.toy.digits import prompt_set
 from vipo_jax.training.checkpoint import RunCheckpointer
 from vipo_jax.training.run import init_state, make_optimizer
@@ -50,6 +52,27 @@ def test_parse_checkpoint():
         parse_checkpoint("runs/x@last")
 
 
+def test_expand_checkpoint_glob_and_groups(tmp_path):
+    for name in ("vipo_seed-1", "vipo_seed-0", "grpo_seed-0"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "vipo_seed-9.log").write_text("")  # files never match
+    got = expand_checkpoint(f"vipo={tmp_path}/vipo_seed-*@50")
+    assert [(s.label, Path(s.path).name, s.step, s.group) for s in got] == [
+        ("vipo/vipo_seed-0", "vipo_seed-0", 50, "vipo"), ("vipo/vipo_seed-1", "vipo_seed-1", 50, "vipo")]
+    assert expand_checkpoint("runs/x") == [parse_checkpoint("runs/x")]
+    with pytest.raises(ConfigError, match="no folder matches"):
+        expand_checkpoint(f"{tmp_path}/nothing_*")
+    # a group's std is over the members' means (ddof 1), and singletons are not groups
+    def ck(group, mean):
+        return {"group": group, "metrics": {"r": {"mean": mean}}}
+
+    res = {"metrics": ["r"], "checkpoints": {"a": ck("g", 1.0), "b": ck("g", 2.0), "c": ck("g", 6.0),
+                                             "base": ck("base", 0.0)}}
+    g = group_stats(res)
+    assert list(g) == ["g"] and g["g"]["members"] == ["a", "b", "c"]
+    assert g["g"]["metrics"]["r"] == {"mean": 3.0, "std": float(np.std([1.0, 2.0, 6.0], ddof=1)), "n": 3}
+
+
 def test_eval_noise_independent_of_batching():
     a = eval_noise(0, 5, (4, 4, 2))
     assert np.array_equal(np.asarray(a[:3]), np.asarray(eval_noise(0, 3, (4, 4, 2))))
@@ -72,11 +95,16 @@ def test_evaluate_base_vs_checkpoint(toy, run_dir, tmp_path):
     # same noise and weights -> same numbers; other weights -> other images
     base, again = res["checkpoints"]["base"], res["checkpoints"]["base#2"]
     assert base["metrics"] == again["metrics"]
+    # the two 'base' entries form a group: mean of their means, std 0; 'half' is alone, no group
+    grp = res["groups"]
+    assert list(grp) == ["base"] and grp["base"]["members"] == ["base", "base#2"]
+    for m in metrics:
+        assert grp["base"]["metrics"][m] == {"mean": base["metrics"][m]["mean"], "std": 0.0, "n": 2}
     a, b = np.load(tmp_path / "samples_base.npy"), np.load(tmp_path / "samples_half.npy")
     assert a.shape == (3, 64, 64, 3) and not np.allclose(a, b)
     assert json.loads((tmp_path / "results.json").read_text())["prompts"] == prompts
     md = (tmp_path / "report.md").read_text()
-    for word in ["redness*", "toy_clip", "digit_accuracy", "color_match", "half", "comparison.png"]:
+    for word in ["redness*", "toy_clip", "digit_accuracy", "color_match", "half", "comparison.png", "## Groups"]:
         assert word in md
     assert "<table>" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "comparison.png").stat().st_size > 0

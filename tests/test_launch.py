@@ -517,8 +517,8 @@ def test_main_cli(tmp_path: Path, in_repo, capsys: pytest.CaptureFixture):
 def _fake_run(folder: Path, first: float, last: float, digits: float, iterations: int = 10) -> None:
     folder.mkdir(parents=True)
     recs = [{"step": 0, "eval/redness": 0.0, "eval/digit_accuracy": 0.7}]
-    recs += [{"step": i, "loss": 0.1, "reward/redness": first + (last - first) * i / iterations}
-             for i in range(1, iterations + 1)]
+    recs += [{"step": i, "loss": 0.1, "reward/redness": first + (last - first) * i / iterations, "map/mean": 0.4,
+              "reward/digit_accuracy": digits} for i in range(1, iterations + 1)]
     recs.append({"step": iterations, "eval/redness": last, "eval/digit_accuracy": digits})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (folder / "summary.json").write_text(json.dumps({"iterations": iterations, "reward/redness/first10pct": first,
@@ -545,7 +545,12 @@ def test_report_groups_seeds_mean_std(tmp_path: Path, capsys):
     (tmp_path / "sweep.json").write_text(json.dumps({"sweep": "s.py", "config": "c.py", "points": points}))
     assert report.main([f"--workdir={tmp_path}"]) == 0
     agg = json.loads((tmp_path / "report.json").read_text())
+    # the trained reward comes from summary.json (map/mean and reward/digit_accuracy sort first but are
+    # not trained); default columns no run has (eval/toy_clip, ...) are left out
     assert list(agg["groups"]) == ["grpo", "vipo"] and agg["reward"] == "reward/redness"
+    assert list(agg["groups"]["grpo"]["stats"]) == [
+        "reward/redness/first10pct", "reward/redness/last10pct", "eval/redness", "eval/digit_accuracy",
+        "reward/digit_accuracy/last10pct", "map/mean/last10pct"]
     v = agg["groups"]["vipo"]
     assert v["runs"] == ["vipo_seed-0", "vipo_seed-1", "vipo_seed-2"]
     last = np.array([0.7, 0.75, 0.8])

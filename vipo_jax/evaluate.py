@@ -4,7 +4,9 @@
         --checkpoint=base --checkpoint=grpo=runs/toy_grpo --checkpoint=vipo=runs/toy_vipo --out=runs/eval
 
 ``--checkpoint`` is ``base`` (the world's initial weights), a run workdir (latest checkpoint),
-``DIR@STEP``, or ``LABEL=DIR[@STEP]``; repeat it to compare several in one table. Runs trained with
+``DIR@STEP``, or ``LABEL=DIR[@STEP]``; repeat it to compare several in one table. A glob
+(``--checkpoint=vipo=runs/toy_grpo_vs_vipo/vipo_seed-*``) adds every matching run and a second
+table gives each such group's mean ± std over its runs (e.g. a method over seeds). Runs trained with
 LoRA are read with their own ``config.json``'s LoRA settings (adapters merged into the base weights);
 ``--use_ema`` evaluates the runs' EMA weights (``train.ema_decay > 0``) instead of their raw ones. Prompts come from
 ``--prompts`` (a text or JSONL file); without it the toy world uses its 54 held-out prompt
@@ -30,7 +32,8 @@ from vipo_jax.evaluation.run import EVAL_REWARDS, eval_config  # noqa: F401 (par
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] of the evaluated runs",
                                           lock_config=False)
-_CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", ["base"], "base | DIR | DIR@STEP | LABEL=DIR[@STEP]")
+_CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", ["base"], "base | DIR | DIR@STEP | LABEL=DIR[@STEP]; a glob DIR "
+                                            "(LABEL=runs/sweep/vipo_seed-*) adds every match, summarised as one group")
 _PROMPTS = flags.DEFINE_string("prompts", "", "prompts file (text, one per line, or JSONL with 'prompt')")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 0, "use only the first N prompts (0: all)")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "noise seeds; every prompt is sampled once per seed")
@@ -59,7 +62,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
     logging.set_verbosity(logging.WARNING)
-    from vipo_jax.evaluation import evaluate, parse_checkpoint
+    from vipo_jax.evaluation import evaluate, expand_checkpoint
     from vipo_jax.utils.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> None:
         if _NUM_PROMPTS.value:
             prompts = prompts[: _NUM_PROMPTS.value]
         seeds = [int(s) for s in _SEEDS.value]
-        specs = [parse_checkpoint(a) for a in _CHECKPOINTS.value]
+        specs = [s for a in _CHECKPOINTS.value for s in expand_checkpoint(a)]
         if _USE_EMA.value:
             specs = [dataclasses.replace(s, ema=True) if s.path else s for s in specs]
         results = evaluate(c, specs, prompts, seeds, _OUT.value, batch_size=_BATCH.value,
@@ -77,12 +80,13 @@ def main(argv: list[str]) -> None:
     except (VipoError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from vipo_jax.evaluation.report import comparison_rows
+    from vipo_jax.evaluation.report import comparison_rows, group_rows
 
-    header, rows = comparison_rows(results)
-    print(" | ".join(header))
-    for r in rows:
-        print(" | ".join(r))
+    for header, rows in (comparison_rows(results), group_rows(results)):
+        if rows:
+            print(" | ".join(header))
+            for r in rows:
+                print(" | ".join(r))
     print(f"report: {os.path.join(_OUT.value, 'report.md')} (also report.html, results.json, comparison.png)")
 
 

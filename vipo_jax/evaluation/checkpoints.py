@@ -1,10 +1,13 @@
 """Which policies an evaluation compares: ``base`` (the world's initial weights) or a run's
 workdir (its latest orbax checkpoint, or ``path@STEP``; its raw weights or, with ``ema``, their
-moving average), each with a label for the tables."""
+moving average), each with a label for the tables. Checkpoints that share a label (repeated, or a
+glob such as ``vipo=runs/sweep/vipo_seed-*``) form a group, reported as mean ± std over its members:
+the seeds of one method."""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ class CheckpointSpec:
     path: str | None  # None: the base model
     step: int | None = None
     ema: bool = False  # the run's EMA weights (train.ema_decay > 0) instead of its raw ones
+    group: str | None = None  # checkpoints with the same group are summarised together (None: the label)
 
 
 def parse_checkpoint(arg: str) -> CheckpointSpec:
@@ -40,13 +44,46 @@ def parse_checkpoint(arg: str) -> CheckpointSpec:
     return CheckpointSpec(label or Path(path).name or path, path, step)
 
 
+def expand_checkpoint(arg: str) -> list[CheckpointSpec]:
+    """:func:`parse_checkpoint`, where a path with glob characters (``*?[``) stands for every
+    matching run folder, sorted; they are labelled ``LABEL/<folder>`` and grouped under LABEL
+    (default: the pattern's last part)."""
+    spec = parse_checkpoint(arg)
+    if spec.path is None or not any(ch in spec.path for ch in "*?["):
+        return [spec]
+    paths = sorted(p for p in glob.glob(spec.path) if Path(p).is_dir())
+    if not paths:
+        raise ConfigError(f"--checkpoint={arg!r}: no folder matches {spec.path!r}")
+    return [dataclasses.replace(spec, label=f"{spec.label}/{Path(p).name}", path=p, group=spec.label)
+            for p in paths]
+
+
 def unique_labels(specs: list[CheckpointSpec]) -> list[CheckpointSpec]:
+    """Every label once (repeats get ``#2``, ``#3``...); each spec's group set (the label it was given)."""
     seen: dict[str, int] = {}
     out = []
     for s in specs:
         n = seen.get(s.label, 0)
         seen[s.label] = n + 1
-        out.append(s if n == 0 else dataclasses.replace(s, label=f"{s.label}#{n + 1}"))
+        out.append(dataclasses.replace(s, label=s.label if n == 0 else f"{s.label}#{n + 1}", group=s.group or s.label))
+    return out
+
+
+def group_stats(results: dict) -> dict[str, dict]:
+    """Per group of two or more checkpoints: its members and, per metric, the mean, sample std
+    (ddof 1) and n of the members' mean scores (e.g. one method over seeds)."""
+    members: dict[str, list[str]] = {}
+    for label, r in results["checkpoints"].items():
+        members.setdefault(r.get("group") or label, []).append(label)
+    out = {}
+    for g, labels in members.items():
+        if len(labels) < 2:
+            continue
+        stats = {}
+        for m in results["metrics"]:
+            v = np.array([results["checkpoints"][lb]["metrics"][m]["mean"] for lb in labels], np.float64)
+            stats[m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v)}
+        out[g] = {"members": labels, "metrics": stats}
     return out
 
 

@@ -58,8 +58,20 @@ def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def group_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-group table (mean ± std over each group's checkpoint means);
+    no rows when no two checkpoints share a group."""
+    groups = results.get("groups") or {}
+    header, _ = comparison_rows(results)
+    metrics = [h.rstrip("*") for h in header[2:]]
+    rows = [[g, str(len(r["members"]))] + [f"{r['metrics'][m]['mean']:.4f} ± {r['metrics'][m]['std']:.4f}"
+                                             for m in metrics] for g, r in groups.items()]
+    return ["group", "n"] + header[2:], rows
+
+
 def write_reports(out: Path, results: dict, k: int) -> None:
     header, rows = comparison_rows(results)
+    gheader, grows = group_rows(results)
     n_p, seeds = len(results["prompts"]), results["seeds"]
     first = next(iter(results["checkpoints"]), "")
     intro = (f"{n_p} prompts × {len(seeds)} seed(s) {seeds}; deterministic ODE sampling "
@@ -68,6 +80,10 @@ def write_reports(out: Path, results: dict, k: int) -> None:
              "* marks the in-domain (trained) reward.")
     md = ["# Evaluation", "", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    if grows:
+        md += ["", "## Groups", "", "Mean ± std (ddof 1) of the per-checkpoint means over each group's checkpoints.",
+               "", "| " + " | ".join(gheader) + " |", "|" + "---|" * len(gheader)]
+        md += ["| " + " | ".join(r) + " |" for r in grows]
     md += ["", f"## Samples (first {min(k, n_p)} prompts, seed {seeds[0]}; one row per checkpoint)", "",
            "![comparison](comparison.png)", ""]
     md += [f"{i + 1}. {p}" for i, p in enumerate(results["prompts"][:k])]
@@ -77,10 +93,13 @@ def write_reports(out: Path, results: dict, k: int) -> None:
     src = ("data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()) if img.exists() else ""
     th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    gth = "".join(f"<th>{html.escape(h)}</th>" for h in gheader)
+    gtrs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in grows)
+    gtable = f"<h2>Groups</h2><table><tr>{gth}</tr>{gtrs}</table>" if grows else ""
     items = "".join(f"<li>{html.escape(p)}</li>" for p in results["prompts"][:k])
     page = (f"<!doctype html><meta charset='utf-8'><title>vipo_jax evaluation</title>"
             f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}"
             f"table{{border-collapse:collapse}}</style><h1>Evaluation</h1><p>{html.escape(intro)}</p>"
-            f"<table><tr>{th}</tr>{trs}</table><h2>Samples</h2><img src='{src}' alt='comparison'>"
+            f"<table><tr>{th}</tr>{trs}</table>{gtable}<h2>Samples</h2><img src='{src}' alt='comparison'>"
             f"<ol>{items}</ol>")
     (out / "report.html").write_text(page)

@@ -17,7 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.errors import CheckpointError, DataError
-from vipo_jax.evaluation.checkpoints import CheckpointSpec, restore_params, unique_labels
+from vipo_jax.evaluation.checkpoints import CheckpointSpec, group_stats, restore_params, unique_labels
 from vipo_jax.evaluation.report import safe_name, save_grids, write_reports
 from vipo_jax.training.step import make_sampler
 
@@ -138,11 +138,13 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
         samples[spec.label] = images_seed0
         stats = {k: _summary(np.stack(v), np.stack(v).mean(axis=1)) for k, v in per_metric.items()}
         per_prompt = {k: np.stack(v).mean(axis=0).round(6).tolist() for k, v in per_metric.items()}
-        results["checkpoints"][spec.label] = {"path": spec.path, "step": step, **what, "metrics": stats,
+        results["checkpoints"][spec.label] = {"path": spec.path, "group": spec.group, "step": step, **what,
+                                              "metrics": stats,
                                               "per_prompt": per_prompt,
                                               "seconds": round(time.perf_counter() - t0, 2)}
         np.save(out / f"samples_{safe_name(spec.label)}.npy", images_seed0)
     bar.close()
+    results["groups"] = group_stats(results)
     save_grids(out, samples, prompts, grid_prompts)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(out, results, grid_prompts)
