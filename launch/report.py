@@ -166,6 +166,9 @@ def plot(agg: dict, workdir: Path, keys: Sequence[str]) -> Path | None:
 
     keys = list(keys)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    # one colour per group (tab10 repeats after 10 groups; an ablation sweep has more)
+    cmap = plt.get_cmap("tab10" if len(agg["groups"]) <= 10 else "tab20")
+    colours = {name: cmap(i % cmap.N) for i, name in enumerate(agg["groups"])}
     drawn = False
     for ax, key in zip(axes[0], keys):
         for name, g in agg["groups"].items():
@@ -181,17 +184,21 @@ def plot(agg: dict, workdir: Path, keys: Sequence[str]) -> Path | None:
             smooth = np.stack([np.convolve(v, kernel, mode="valid") for v in vals])
             m, s = smooth.mean(0), smooth.std(0)
             x = steps[win - 1:]
-            ax.plot(x, m, label=f"{name} (n={len(vals)})")
-            ax.fill_between(x, m - s, m + s, alpha=0.2)
+            ax.plot(x, m, label=f"{name} (n={len(vals)})", color=colours[name])
+            ax.fill_between(x, m - s, m + s, alpha=0.2, color=colours[name])
             drawn = True
         ax.set_xlabel("iteration")
         ax.set_title(key)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    legend = {}  # one legend for all panels, beside them
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     path = workdir / "curves.png"
     if drawn:
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path if drawn else None
 

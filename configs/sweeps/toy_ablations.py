@@ -3,7 +3,8 @@
 Every run: configs/flux.py:toy at its default lr 5e-5 for 50 iterations (halfway to the all-red
 image the default reaches at 100, so differences in how fast the reward rises and what it costs the
 digit still show), no periodic evaluation. Seeds 0, 1, 2 for every group; ``:budget`` keeps 3 seeds
-for the default group and seed 0 for the others (16 runs instead of 42, about 50 minutes on 2 cores).
+for the default group and seed 0 for the others (16 runs instead of 42; 81 minutes on 2 cores
+while another sweep shared them).
 
 Each group changes one setting from the default (configs/flux.py:toy) and keeps the rest:
   map_ones        the map is all ones (psm.aggregation=uniform): ViPO's update with GRPO's advantage
@@ -21,6 +22,10 @@ COMMAND:
   python -m launch.sweep --sweep=configs/sweeps/toy_ablations.py:budget --workdir=runs/toy_ablations
   python -m launch.sweep --sweep=configs/sweeps/toy_ablations.py --workdir=runs/toy_ablations --only='smooth_sigma-*'
   python -m launch.report --workdir=runs/toy_ablations
+  python -m vipo_jax.evaluate --config=configs/flux.py:toy --checkpoint=base \\
+      --checkpoint=default='runs/toy_ablations/default_seed-*' \\
+      --checkpoint=map_ones=runs/toy_ablations/map_ones_seed-0 ...  # one per group
+Results: docs/EXPERIMENTS.md (c).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ match, redness; in-domain: the toy CLIP score itself).
 COMMAND:
   python -m launch.sweep --sweep=configs/sweeps/toy_clip.py --workdir=runs/toy_clip
   python -m launch.report --workdir=runs/toy_clip
-  python -m vipo_jax.evaluate --config=configs/flux.py:toy --config.rewards.names=toy_clip \\
-      --checkpoint=base --checkpoint=grpo=runs/toy_clip/grpo_seed-0 --checkpoint=vipo=runs/toy_clip/vipo_seed-0 \\
+  python -m vipo_jax.evaluate --config=configs/flux.py:toy --config.rewards.names=toy_clip --config.rewards.coefs=1.0 \\
+      --checkpoint=base --checkpoint=grpo='runs/toy_clip/grpo_seed-*' --checkpoint=vipo='runs/toy_clip/vipo_seed-*' \\
       --out=runs/toy_clip/eval
+Results: docs/EXPERIMENTS.md (b).
 """
 
 from __future__ import annotations

@@ -7,8 +7,13 @@ iterations on the fixed evaluation prompts).
 
 COMMAND:
   python -m launch.sweep --sweep=configs/sweeps/toy_grpo_vs_vipo.py --workdir=runs/toy_grpo_vs_vipo
+  python -m launch.report --workdir=runs/toy_grpo_vs_vipo
+  python -m vipo_jax.evaluate --config=configs/flux.py:toy --checkpoint=base \\
+      --checkpoint=grpo='runs/toy_grpo_vs_vipo/grpo_seed-*' --checkpoint=vipo='runs/toy_grpo_vs_vipo/vipo_seed-*' \\
+      --out=runs/toy_grpo_vs_vipo/eval
   # smoke test (one seed, 10 iterations, no evaluation):
   python -m launch.sweep --sweep=configs/sweeps/toy_grpo_vs_vipo.py:quick --workdir=runs/quick_grpo_vs_vipo
+Results: docs/EXPERIMENTS.md (a).
 """
 
 from __future__ import annotations
