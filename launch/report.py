@@ -138,9 +138,9 @@ def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward:
     if not table:
         raise ReportError(f"no finished run in {workdir} (a finished run has summary.json)")
     if columns is None:  # the defaults: drop the columns no run has
+        present = {c for g in table.values() for c, (_, _, n) in g["stats"].items() if n}
         for g in table.values():
-            g["stats"] = {c: v for c, v in g["stats"].items()
-                          if any(t["stats"].get(c, (0, 0, 0))[2] for t in table.values())}
+            g["stats"] = {c: v for c, v in g["stats"].items() if c in present}
     return {"sweep": manifest.get("sweep"), "config": manifest.get("config"), "reward": reward, "groups": table}
 
 

@@ -16,7 +16,8 @@ from flax import nnx
 from configs.flux import get_config
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.evaluation import CheckpointSpec, eval_noise, evaluate, parse_checkpoint, restore_params
-from vipo_jax.evaluation.checkpoints import expand_checkpoint, group_stats
+from vipo_jax.evaluation.checkpoints import expand_checkpoint
+from vipo_jax.evaluation.report import group_stats
 from vipo_jax.toy.digits import prompt_set
 from vipo_jax.training.checkpoint import RunCheckpointer
 from vipo_jax.training.run import init_state, make_optimizer

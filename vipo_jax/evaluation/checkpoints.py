@@ -69,24 +69,6 @@ def unique_labels(specs: list[CheckpointSpec]) -> list[CheckpointSpec]:
     return out
 
 
-def group_stats(results: dict) -> dict[str, dict]:
-    """Per group of two or more checkpoints: its members and, per metric, the mean, sample std
-    (ddof 1) and n of the members' mean scores (e.g. one method over seeds)."""
-    members: dict[str, list[str]] = {}
-    for label, r in results["checkpoints"].items():
-        members.setdefault(r.get("group") or label, []).append(label)
-    out = {}
-    for g, labels in members.items():
-        if len(labels) < 2:
-            continue
-        stats = {}
-        for m in results["metrics"]:
-            v = np.array([results["checkpoints"][lb]["metrics"][m]["mean"] for lb in labels], np.float64)
-            stats[m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v)}
-        out[g] = {"members": labels, "metrics": stats}
-    return out
-
-
 def restore_params(spec: CheckpointSpec, abstract_params: Any, key: str = "params") -> tuple[Any, int]:
     """Only the trained parameters of a run's checkpoint (the optimizer state is not read), as
     arrays shaped like ``abstract_params``; returns them and the step they come from. ``key``:

@@ -1,6 +1,7 @@
 """Human-readable evaluation output: one comparison table (checkpoints × metrics, mean ± std,
-the change against the first checkpoint), and image grids with the same prompts and noises in
-every row, as Markdown and as a self-contained HTML page."""
+the change against the first checkpoint), a table of the groups of checkpoints (e.g. one method's
+seeds), and image grids with the same prompts and noises in every row, as Markdown and as a
+self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -38,11 +39,16 @@ def _scale(imgs: np.ndarray) -> int:
     return max(1, 128 // max(1, imgs.shape[1]))
 
 
-def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the comparison table; in-domain metrics first and marked with '*'."""
+def _metric_columns(results: dict) -> tuple[list[str], list[str]]:
+    """The metrics in table order (in-domain first) and their column titles ('*': in-domain)."""
     metrics = [m for m in results["in_domain"] if m in results["metrics"]]
     metrics += [m for m in results["metrics"] if m not in metrics]
-    header = ["checkpoint", "step"] + [f"{m}*" if m in results["in_domain"] else m for m in metrics]
+    return metrics, [f"{m}*" if m in results["in_domain"] else m for m in metrics]
+
+
+def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table; in-domain metrics first and marked with '*'."""
+    metrics, titles = _metric_columns(results)
     ckpts = results["checkpoints"]
     ref = next(iter(ckpts.values()))["metrics"] if ckpts else {}
     rows = []
@@ -55,18 +61,44 @@ def comparison_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 cell += f" ({s['mean'] - ref[m]['mean']:+.4f})"
             cells.append(cell)
         rows.append(cells)
-    return header, rows
+    return ["checkpoint", "step"] + titles, rows
+
+
+def group_stats(results: dict) -> dict[str, dict]:
+    """Per group of two or more checkpoints: its members and, per metric, the mean, sample std
+    (ddof 1) and n of the members' mean scores (e.g. one method over seeds)."""
+    members: dict[str, list[str]] = {}
+    for label, r in results["checkpoints"].items():
+        members.setdefault(r.get("group") or label, []).append(label)
+    out = {}
+    for g, labels in members.items():
+        if len(labels) < 2:
+            continue
+        stats = {}
+        for m in results["metrics"]:
+            v = np.array([results["checkpoints"][lb]["metrics"][m]["mean"] for lb in labels], np.float64)
+            stats[m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v)}
+        out[g] = {"members": labels, "metrics": stats}
+    return out
 
 
 def group_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-group table (mean ± std over each group's checkpoint means);
+    """Header and rows of the per-group table (``results["groups"]``, from :func:`group_stats`);
     no rows when no two checkpoints share a group."""
-    groups = results.get("groups") or {}
-    header, _ = comparison_rows(results)
-    metrics = [h.rstrip("*") for h in header[2:]]
+    metrics, titles = _metric_columns(results)
     rows = [[g, str(len(r["members"]))] + [f"{r['metrics'][m]['mean']:.4f} ± {r['metrics'][m]['std']:.4f}"
-                                             for m in metrics] for g, r in groups.items()]
-    return ["group", "n"] + header[2:], rows
+                                           for m in metrics] for g, r in (results.get("groups") or {}).items()]
+    return ["group", "n"] + titles, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{trs}</table>"
 
 
 def write_reports(out: Path, results: dict, k: int) -> None:
@@ -78,12 +110,10 @@ def write_reports(out: Path, results: dict, k: int) -> None:
              f"({results['sampling']['num_steps']} steps, shift {results['sampling']['shift']}). "
              f"Mean ± std over samples; in brackets the change against '{first}'. "
              "* marks the in-domain (trained) reward.")
-    md = ["# Evaluation", "", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+    gintro = "Mean ± std (ddof 1) of the per-checkpoint means over each group's checkpoints."
+    md = ["# Evaluation", "", intro, ""] + _md_table(header, rows)
     if grows:
-        md += ["", "## Groups", "", "Mean ± std (ddof 1) of the per-checkpoint means over each group's checkpoints.",
-               "", "| " + " | ".join(gheader) + " |", "|" + "---|" * len(gheader)]
-        md += ["| " + " | ".join(r) + " |" for r in grows]
+        md += ["", "## Groups", "", gintro, ""] + _md_table(gheader, grows)
     md += ["", f"## Samples (first {min(k, n_p)} prompts, seed {seeds[0]}; one row per checkpoint)", "",
            "![comparison](comparison.png)", ""]
     md += [f"{i + 1}. {p}" for i, p in enumerate(results["prompts"][:k])]
@@ -91,15 +121,11 @@ def write_reports(out: Path, results: dict, k: int) -> None:
 
     img = out / "comparison.png"
     src = ("data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()) if img.exists() else ""
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    gth = "".join(f"<th>{html.escape(h)}</th>" for h in gheader)
-    gtrs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in grows)
-    gtable = f"<h2>Groups</h2><table><tr>{gth}</tr>{gtrs}</table>" if grows else ""
+    gtable = f"<h2>Groups</h2><p>{html.escape(gintro)}</p>{_html_table(gheader, grows)}" if grows else ""
     items = "".join(f"<li>{html.escape(p)}</li>" for p in results["prompts"][:k])
     page = (f"<!doctype html><meta charset='utf-8'><title>vipo_jax evaluation</title>"
             f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}"
             f"table{{border-collapse:collapse}}</style><h1>Evaluation</h1><p>{html.escape(intro)}</p>"
-            f"<table><tr>{th}</tr>{trs}</table>{gtable}<h2>Samples</h2><img src='{src}' alt='comparison'>"
+            f"{_html_table(header, rows)}{gtable}<h2>Samples</h2><img src='{src}' alt='comparison'>"
             f"<ol>{items}</ol>")
     (out / "report.html").write_text(page)

@@ -17,8 +17,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax.errors import CheckpointError, DataError
-from vipo_jax.evaluation.checkpoints import CheckpointSpec, group_stats, restore_params, unique_labels
-from vipo_jax.evaluation.report import safe_name, save_grids, write_reports
+from vipo_jax.evaluation.checkpoints import CheckpointSpec, restore_params, unique_labels
+from vipo_jax.evaluation.report import group_stats, safe_name, save_grids, write_reports
 from vipo_jax.training.step import make_sampler
 
 EVAL_NOISE_SEED = 9876
