@@ -19,8 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -66,72 +65,61 @@ def _xla_flops(fn, *args) -> float:
 
 def toy_step(repeats: int) -> dict:
     from configs.flux import get_config
-    from vipo_jax.training.run import init_state, make_optimizer
-    from vipo_jax.training.step import make_train_step
+    from vipo_jax.training.optim import make_optimizer
+    from vipo_jax.training.run import init_state
+    from vipo_jax.training.step import train_step_for
+    from vipo_jax.training.step_config import StepConfig
     from vipo_jax.worlds import build_world
 
     c = get_config("toy")
     world = build_world(c)
     opt = make_optimizer(c)
-    step = make_train_step(world.step_config, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
-                           reward_fns=world.reward_fns, feature_fn=world.feature_fn, optimizer=opt,
-                           latent_shape=world.latent_shape)
-    _, params = nnx.split(world.policy)
-    batch = world.batch(world.prompt_loader(c).next())
-    state = init_state(jax.tree.map(jnp.copy, params), opt, 0)
+    step = train_step_for(world, StepConfig.from_config(c), opt)
+    batch = world.batch(world.prompt_loader(c.sampling.prompts_per_iter, 0).next())
+    state = init_state(jax.tree.map(jnp.copy, world.params), opt, 0)
     tc, ti, fl = time_step(step, state, world.frozen, batch, repeats)
     return {"name": "toy (64^2, 4 prompts x G 8, 8 steps)", "compile_s": tc, "iter_s": ti, "flops": fl}
 
 
+def wide_config(a):
+    """The FLUX.1-dev recipe at 512^2 with random weights (``world=random``), ``a.double`` + ``a.single``
+    blocks at the real width, one prompt x G ``a.group``, redness as the reward."""
+    from configs.flux import get_config
+
+    c = get_config("")
+    c.world = "random"
+    c.model.arch = f"num_layers={a.double},num_single_layers={a.single}"
+    c.model.remat, c.model.attention = a.remat, a.attention
+    c.sampling.group_size, c.sampling.prompts_per_iter = a.group, 1
+    c.train.micro_batch = a.micro_batch
+    c.rewards.names, c.rewards.coefs = "redness", "1.0"
+    return c
+
+
 def wide_step(a, repeats: int) -> dict:
-    from vipo_jax.models.dinov2 import Dinov2Model, preset
-    from vipo_jax.models.dinov2.model import patch_tokens
-    from vipo_jax.models.dinov2.model import preprocess as dino_pre
-    from vipo_jax.models.flux import FluxConfig, FluxTransformer
-    from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-    from vipo_jax.models.vae.model import decode_to_unit
-    from vipo_jax.plan.flops import flux_forward_flops, iteration_flops
-    from vipo_jax.toy.rewards import redness
+    from vipo_jax.models.flux.flops import flux_forward_flops
+    from vipo_jax.plan.flops import iteration_flops
+    from vipo_jax.training.optim import make_optimizer
     from vipo_jax.training.run import init_state
-    from vipo_jax.training.step import StepConfig, make_train_step
-    from vipo_jax.worlds.flux_policy import flux_velocity
+    from vipo_jax.training.step import train_step_for
+    from vipo_jax.training.step_config import StepConfig
+    from vipo_jax.worlds import build_world
 
-    fcfg = FluxConfig(guidance_embeds=True, num_layers=a.double, num_single_layers=a.single, dtype="bfloat16",
-                      remat=a.remat, attention=a.attention)
-    policy = FluxTransformer(fcfg, rngs=nnx.Rngs(0))
-    vae = AutoencoderKL(AutoencoderKLConfig.flux1(dtype="bfloat16"), rngs=nnx.Rngs(1))
-    dino = Dinov2Model(preset("vit_l14", dtype="bfloat16", attention=a.attention), rngs=nnx.Rngs(2))
-    gd, params = nnx.split(policy)
-    gv, fv = nnx.split(vae)
-    gdn, fd = nnx.split(dino)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-
-    def velocity_fn(p, x, sigma, cond):
-        return flux_velocity(nnx.merge(gd, p), x, sigma, cond["t5"], cond["pooled"],
-                             jnp.full((x.shape[0],), 3.5, jnp.float32))
-
-    def decode_fn(frozen, x0):
-        return decode_to_unit(nnx.merge(gv, frozen["vae"]), x0)
-
-    def feature_fn(frozen, images):
-        m = nnx.merge(gdn, frozen["dinov2"])
-        return patch_tokens(m, dino_pre(images, images.shape[1:3], patch_size=14))[0]
-
-    sc = StepConfig(num_steps=8, shift=3.0, eta=0.3, group_size=a.group, micro_batch=a.micro_batch)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=1e-4))
-    step = make_train_step(sc, velocity_fn=velocity_fn, decode_fn=decode_fn,
-                           reward_fns={"reward": lambda f, im, b: redness(im)}, feature_fn=feature_fn,
-                           optimizer=opt, latent_shape=(64, 64, 16))
-    batch = {"cond": {"t5": jax.random.normal(jax.random.PRNGKey(3), (1, 512, 4096), jnp.bfloat16),
-                      "pooled": jax.random.normal(jax.random.PRNGKey(4), (1, 768), jnp.float32)}}
-    state = init_state(params, opt, 0)
-    frozen = {"vae": fv, "dinov2": fd}
-    x0 = jax.ShapeDtypeStruct((a.group, 64, 64, 16), jnp.float32)
+    c = wide_config(a)
+    world = build_world(c)
+    fcfg = world.policy().cfg
+    n_params = sum(x.size for x in jax.tree.leaves(world.params))
+    sc = StepConfig.from_config(c)
+    opt = make_optimizer(c)
+    step = train_step_for(world, sc, opt)
+    batch = world.batch(np.arange(1))
+    state = init_state(world.params, opt, 0)
+    x0 = jax.ShapeDtypeStruct((a.group,) + tuple(world.latent_shape), jnp.float32)
     im = jax.ShapeDtypeStruct((a.group, 512, 512, 3), jnp.float32)
-    frozen_flops = _xla_flops(decode_fn, frozen, x0) + _xla_flops(feature_fn, frozen, im)
+    frozen_flops = _xla_flops(world.decode_fn, world.frozen, x0) + _xla_flops(world.feature_fn, world.frozen, im)
     analytic = iteration_flops(flux_forward_flops(fcfg, 1024, 512), samples=a.group, num_steps=sc.num_steps,
                                trained_steps=sc.num_train_timesteps, remat=a.remat, frozen=frozen_flops)
-    tc, ti, fl = time_step(step, state, frozen, batch, repeats)
+    tc, ti, fl = time_step(step, state, world.frozen, batch, repeats)
     return {"analytic": analytic,
             "name": f"FLUX width, {a.double}+{a.single} blocks ({n_params / 1e9:.2f}B), 512^2, 1 prompt x G "
                     f"{a.group}, mb {a.micro_batch}, {a.attention}, remat {a.remat}",

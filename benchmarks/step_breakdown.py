@@ -12,6 +12,7 @@ without (plain GRPO), which gives the overhead the paper reports (+1.4% step tim
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import jax
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,18 +41,20 @@ def timeit(fn, *args, repeats: int) -> float:
 def main(argv):
     del argv
     from vipo_jax import rl
-    from vipo_jax.training.run import init_state, make_optimizer
-    from vipo_jax.training.step import make_train_step, repeat_groups
+    from vipo_jax.training.optim import make_optimizer
+    from vipo_jax.training.run import init_state
+    from vipo_jax.training.step import repeat_groups, train_step_for
+    from vipo_jax.training.step_config import StepConfig
     from vipo_jax.utils.compile_cache import enable_compilation_cache
     from vipo_jax.worlds import build_world
 
     enable_compilation_cache()
     c = _CONFIG.value
     world = build_world(c)
-    sc = world.step_config
+    sc = StepConfig.from_config(c)
     r = _REPEATS.value
-    graphdef, params = nnx.split(world.policy)
-    batch = world.batch(world.prompt_loader(c).next())
+    params = world.params
+    batch = world.batch(world.prompt_loader(c.sampling.prompts_per_iter, c.seed).next())
     G = sc.group_size
     cond = repeat_groups(batch["cond"], G)
     P = jax.tree.leaves(batch["cond"])[0].shape[0]
@@ -65,12 +67,12 @@ def main(argv):
     decode = jax.jit(world.decode_fn)
     images = decode(world.frozen, ro["x0"])
     per_sample = repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G)
-    rewards = jax.jit(lambda f, im: {n: fn(f, im, per_sample) for n, fn in world.reward_fns.items()})
+    rewards = jax.jit(lambda f, im: {n: fn(f, im, per_sample) for n, fn in world.rewards.items()})
+    psm_opts = sc.psm or rl.PSMOptions()
     if len(world.latent_shape) == 4:  # video: per-frame maps -> latent frames -> temporal smoothing
-        psm = jax.jit(lambda f, im: rl.psm_map_video(world.feature_fn(f, im), world.latent_shape[:3],
-                                                     sc.psm_options()))
+        psm = jax.jit(lambda f, im: rl.psm_map_video(world.feature_fn(f, im), world.latent_shape[:3], psm_opts))
     else:
-        psm = jax.jit(lambda f, im: rl.psm_map(world.feature_fn(f, im), world.latent_shape[:2], sc.psm_options()))
+        psm = jax.jit(lambda f, im: rl.psm_map(world.feature_fn(f, im), world.latent_shape[:2], psm_opts))
 
     times = {
         "rollout": timeit(rollout, params, jax.random.PRNGKey(0), repeats=r),
@@ -81,12 +83,8 @@ def main(argv):
     opt = make_optimizer(c)
     full = {}
     for name, enabled in (("grpo", False), ("vipo", True), ("grpo_again", False)):
-        import dataclasses
-
-        cfg = dataclasses.replace(sc, psm_enabled=enabled)
-        step = jax.jit(make_train_step(cfg, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
-                                       reward_fns=world.reward_fns, feature_fn=world.feature_fn, optimizer=opt,
-                                       latent_shape=world.latent_shape))
+        cfg = dataclasses.replace(sc, psm=psm_opts if enabled else None)
+        step = jax.jit(train_step_for(world, cfg, opt))
         state = init_state(params, opt, c.seed)
         full[name] = timeit(lambda s, step=step: step(s, world.frozen, batch)[1], state, repeats=r)
     times["update (rest of the step)"] = max(0.0, full["vipo"] - sum(times.values()))

@@ -23,7 +23,9 @@ import ml_collections as mlc
 def _common() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 42
-    c.world = "real"  # "real" (weights from disk) or "toy" (the committed toy checkpoints)
+    # where the weights come from: "real" (the folders users download), "toy" (the committed toy
+    # checkpoints) or "random" (random weights at the recipe's shapes: timing and memory benchmarks)
+    c.world = "real"
 
     c.model = mlc.ConfigDict()
     c.model.family = "flux"
@@ -33,6 +35,11 @@ def _common() -> mlc.ConfigDict:
     c.model.dtype = "bfloat16"  # compute
     c.model.remat = "full"
     c.model.attention = "xla"
+    # The transformer's weights when not <path>/transformer: a diffusers transformer folder or the BFL
+    # single file (flux1-dev.safetensors, the layout ComfyUI and the BFL code load).
+    c.model.transformer = ""
+    # world="random" / the planner: architecture fields replaced in the preset, e.g. "num_layers=2"
+    c.model.arch = ""
 
     c.sampling = mlc.ConfigDict()
     c.sampling.height = 512
@@ -66,7 +73,7 @@ def _common() -> mlc.ConfigDict:
     c.lora.rank = 0
     c.lora.alpha = 0.0  # scale = alpha / rank; 0: alpha = rank (scale 1)
     # Comma-separated regular expressions searched in the policy's layer paths. Empty: the family's
-    # default (vipo_jax.training.adapters.DEFAULT_TARGETS), the attention and MLP projections:
+    # lora_targets (vipo_jax/worlds/flux.py, wan.py), the attention and MLP projections:
     # Flux "_attn\.qkv$,_attn_out$,_mlp\.linear_(in|out)$,single_transformer_blocks\.linear[12]$";
     # Wan "attn[12]\.to_(q|k|v|out)$,ffn\.linear_(in|out)$".
     c.lora.targets = ""
@@ -81,7 +88,8 @@ def _common() -> mlc.ConfigDict:
 
     c.psm = mlc.ConfigDict()
     c.psm.enabled = True
-    c.psm.backbone = ""  # DINOv2 folder (facebook/dinov2-large layout)
+    c.psm.backbone_kind = "dinov2"  # the PSM backbone (vipo_jax.backbones): dinov2
+    c.psm.backbone = ""  # its weights: a DINOv2 folder (facebook/dinov2-large layout)
     c.psm.num_components = 3
     c.psm.sign_rule = "border"  # border | sklearn_u | sklearn_v
     c.psm.aggregation = "weighted"  # weighted | average | first_pc | uniform
@@ -89,13 +97,16 @@ def _common() -> mlc.ConfigDict:
     c.psm.normalize_mean = False
 
     c.rewards = mlc.ConfigDict()
-    c.rewards.names = "hpsv21"  # comma-separated: hpsv21, pickscore, clip_score, image_reward, redness, toy_clip
+    # comma-separated names from the reward registry (vipo_jax.rewards): hpsv21, pickscore, clip_score,
+    # image_reward, redness; toy world: toy_clip; python -m vipo_jax.train --list_rewards prints them all
+    c.rewards.names = "hpsv21"
     c.rewards.coefs = "1.0"
     c.rewards.hpsv21 = ""  # safetensors made by `python -m vipo_jax.convert hps`
     c.rewards.pickscore = ""  # HF CLIPModel folder (yuvalkirstain/PickScore_v1)
     c.rewards.clip_score = ""  # HF CLIPModel folder (openai/clip-vit-large-patch14)
     c.rewards.image_reward = ""  # folder made by `python -m vipo_jax.convert image-reward` (THUDM/ImageReward)
     c.rewards.image_reward_tokenizer = ""  # bert-base-uncased folder (default: <image_reward>/tokenizer)
+    c.rewards.clip_tokenizer = ""  # CLIP tokenizer of the CLIP-family rewards (default: <model.path>/tokenizer)
 
     c.data = mlc.ConfigDict()
     c.data.prompts = ""  # text (one per line) or JSONL with a "prompt" field

@@ -55,9 +55,9 @@ def _common() -> mlc.ConfigDict:
     s.eta = 0.25
     s.guidance = 5.0  # true classifier-free guidance, rollout and training; <= 1: off
     # Wan2.1's default negative prompt (the ViPO Wan script's); "" is diffusers' WanPipeline default.
-    from vipo_jax.worlds.wan import WAN_NEGATIVE_PROMPT
+    from vipo_jax.models.wan.config import NEGATIVE_PROMPT
 
-    s.negative_prompt = WAN_NEGATIVE_PROMPT
+    s.negative_prompt = NEGATIVE_PROMPT
     s.cfg_uncond_grad = False  # False: no gradient through the unconditional half (as the official script)
     s.group_size = 8
     s.prompts_per_iter = 8
@@ -71,7 +71,7 @@ def _common() -> mlc.ConfigDict:
 
     c.rewards.names = "hpsv21"  # the paper: videoalign_vq,videoalign_mq (not ported), coefs 1.0,1.0
     c.rewards.coefs = "1.0"
-    c.rewards.clip_tokenizer = ""  # CLIP tokenizer folder for the CLIP-family rewards' prompts
+    c.rewards.clip_tokenizer = ""  # CLIP tokenizer folder for the CLIP-family rewards' prompts (required)
     c.rewards.frame_stride = 1  # score every k-th frame (and the last)
     c.rewards.frames_per_call = 0  # reward-model frames per video per call (0: all)
 

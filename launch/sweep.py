@@ -177,7 +177,7 @@ def _set(c: mlc.ConfigDict, key: str, value: Any) -> None:
 def _validator() -> Callable[[mlc.ConfigDict], None] | None:
     """The trainer's own config validation when vipo_jax imports here (a login node may lack it)."""
     try:
-        from vipo_jax.training.validate import validate
+        from vipo_jax.training.checks import check_config as validate
     except ImportError:
         return None
     return validate

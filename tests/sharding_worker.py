@@ -39,8 +39,8 @@ def train_meshes(out: Path, specs: list[str], distributed: bool) -> None:
     if distributed:  # before anything touches a device (the test world makes arrays at import)
         # generous barriers: on 2 shared CI cores one process may compile minutes after the other
         shd.initialize_distributed(initialization_timeout=1200, shutdown_timeout_seconds=1200)
-    from tests.sharding_world import SyntheticWorld, tiny_config
-    from vipo_jax.training.logging import read_metrics
+    from tests.sharding_world import tiny_config  # registers the synthetic family
+    from vipo_jax.training.metrics_log import read_metrics
     from vipo_jax.training.run import train
     iterations = int(os.environ.get("VIPO_ITERATIONS", "2"))
     for spec in specs:
@@ -53,10 +53,10 @@ def train_meshes(out: Path, specs: list[str], distributed: bool) -> None:
         mesh = shd.single_device_mesh() if not sizes else None
         name = spec.replace("=", "").replace(",", "_")
         workdir = out / f"run_{name}"
-        result = train(c, workdir, SyntheticWorld(c), progress=False, mesh=mesh)
+        result = train(c, workdir, progress=False, mesh=mesh)
         if os.environ.get("VIPO_RESUME_TO"):  # run again to a later iteration: resumes from the checkpoint
             c.train.iterations = int(os.environ["VIPO_RESUME_TO"])
-            result = train(c, workdir, SyntheticWorld(c), progress=False, mesh=mesh)
+            result = train(c, workdir, progress=False, mesh=mesh)
         params = result["state"]["params"]
         leaves = jax.tree_util.tree_leaves_with_path(shd.fetch(params))
         specs_ = {jax.tree_util.keystr(p): str(a.sharding.spec)

@@ -1,24 +1,24 @@
-"""A synthetic world for the sharding tests: the tiny MLP velocity field of test_train_step with
-logical axis names on its parameters and activation constraints, wired like a real world so the
-whole train loop (mesh, placement, global batches, checkpoints) runs on it in seconds."""
+"""A synthetic model family for the sharding tests: the tiny MLP velocity field of test_train_step
+with logical axis names on its parameters and activation constraints, a fixed linear decoder and a
+random-projection PSM backbone, registered like any family (``register_family``) and built by
+``build_world`` from random weights, so the whole train loop (mesh, placement, global batches,
+checkpoints) runs on it in seconds. It is also the test of the "add a model family" recipe."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from configs import flux
 from tests.test_train_step import DECODER, PROJ, C, H, W, decode_fn, feature_fn
-from vipo_jax.data.prompts import PromptLoader
+from vipo_jax.backbones import BackboneEntry, LoadedBackbone
+from vipo_jax.backbones import register as register_backbone
 from vipo_jax.nn.annotate import linear_init
 from vipo_jax.sharding import constrain
-from vipo_jax.toy.rewards import redness
-from vipo_jax.worlds.flux import step_config
+from vipo_jax.worlds import Family, WorldOptions, register_family
 
 E = 4  # conditioning width
-N_PROMPTS = 16
 
 
 class Velocity(nnx.Module):
@@ -40,55 +40,81 @@ class Velocity(nnx.Module):
         return self.l_out(h)
 
 
-class _Loader:
-    def __init__(self, batch_size: int, seed: int):
-        self._l = PromptLoader(num_records=N_PROMPTS, batch_size=batch_size, seed=seed,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+class Decoder(nnx.Module):
+    """The fixed linear decoder of test_train_step as a (frozen) module."""
 
-    def next(self):
-        return np.asarray(next(self._l)["index"])
+    def __init__(self):
+        self.dec = nnx.Param(DECODER)
 
-    def state(self):
-        return self._l.state()
-
-    def restore(self, s):
-        self._l.restore(s)
+    def __call__(self, x0):
+        return decode_fn({"dec": self.dec[...]}, x0)
 
 
-class SyntheticWorld:
-    main_reward = "redness"
-    png_scale = 2
-    latent_shape = (H, W, C)
+class SyntheticFamily(Family):
+    name = "synthetic"
+    variants = ("dev",)
+    lora_targets = (r"l_(up|down)$",)
 
-    def __init__(self, c):
-        self.policy = Velocity(nnx.Rngs(0))
-        self.graphdef = nnx.graphdef(self.policy)
-        self.frozen = {"dec": np.asarray(DECODER), "proj": np.asarray(PROJ)}
-        self.step_config = step_config(c)
-        self.cond = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (N_PROMPTS, E)), np.float32)
-        self.reward_fns = {"redness": lambda frozen, images, batch: redness(images)}
-        self.decode_fn, self.feature_fn = decode_fn, feature_fn
+    def options(self, c, policy, source):
+        return WorldOptions(png_scale=2)
 
-    def velocity_fn(self, params, x, sigma, cond):
-        return nnx.merge(self.graphdef, params)(x, sigma, cond)
+    def latent_shape(self, c, decoder):
+        return (H, W, C)
 
-    def prompt_loader(self, c):
-        return _Loader(c.sampling.prompts_per_iter, c.seed)
+    def velocity(self, policy, x, sigma, cond, options):
+        return policy(x, sigma, cond)
 
-    def batch(self, indices):
-        return {"cond": {"emb": self.cond[indices]}}
+    def decode(self, decoder, x0):
+        return decoder(x0)
 
-    def eval_inputs(self, c):
-        noise = np.asarray(jax.random.normal(jax.random.PRNGKey(9), (4, H, W, C)), np.float32)
-        return {"emb": self.cond[:4]}, noise, [f"p{i}" for i in range(4)]
+    def shaped_models(self, c, abstract):
+        return Velocity(nnx.Rngs(0)), Decoder()
 
-    def eval_metrics(self, images, prompts):
-        return {"redness": float(np.mean(np.asarray(redness(jnp.asarray(images)))))}
+    def cond_specs(self, c, policy):
+        return {"emb": jax.ShapeDtypeStruct((E,), jnp.float32)}, {}
+
+    def describe(self, c):
+        return "synthetic MLP"
+
+    # the synthetic family has only random weights
+    def toy_models(self, c):
+        raise NotImplementedError
+
+    def pretrained_models(self, c, root, sharding):
+        raise NotImplementedError
+
+    def pretrained_help(self, c, where):
+        return "the synthetic family has no pretrained weights"
+
+    def cache_tag(self, c):
+        return "synthetic"
+
+    def text_encoder(self, c, root):
+        raise NotImplementedError
+
+    def conditioning(self, embeds, extra):
+        raise NotImplementedError
+
+    def forward_flops(self, c, policy):
+        return 0.0
+
+    def flops_probe(self, c, policy):
+        raise NotImplementedError
+
+
+register_family(SyntheticFamily())
+register_backbone(BackboneEntry(
+    "synthetic_projection", lambda ctx: LoadedBackbone(lambda p, images: feature_fn({"proj": p}, images), PROJ),
+    "a fixed random projection of 2x2-averaged pixels (tests)"))
 
 
 def tiny_config(iterations: int = 2, **mesh):
     c = flux.get_config("toy")
+    c.world = "random"
+    c.model.family = "synthetic"
+    c.psm.backbone_kind = "synthetic_projection"
     c.seed = 0
+    c.sampling.height = c.sampling.width = 16
     c.sampling.num_steps = 6
     c.sampling.group_size = 4
     c.sampling.prompts_per_iter = 4
@@ -101,6 +127,7 @@ def tiny_config(iterations: int = 2, **mesh):
     c.log.eval_every = 0
     c.log.ckpt_every = 0
     c.log.tensorboard = False
+    c.log.num_eval_prompts = 4
     for k, v in {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, **mesh}.items():
         c.mesh[k] = v
     return c

@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 from tests.utils import assert_close, import_open_clip
-from vipo_jax.convert import convert_open_clip_checkpoint, load_torch_state_dict
 from vipo_jax.convert import main as convert_main
 from vipo_jax.errors import CheckpointError, ConfigError
 from vipo_jax.models.clip import (
@@ -27,6 +26,7 @@ from vipo_jax.models.clip import (
     load_clip,
     load_clip_text,
 )
+from vipo_jax.models.clip.convert import convert_open_clip_checkpoint
 from vipo_jax.rewards.clip_scores import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -35,6 +35,7 @@ from vipo_jax.rewards.clip_scores import (
     preprocess,
 )
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
+from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

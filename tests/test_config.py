@@ -9,7 +9,8 @@ import pytest
 
 from configs import flux
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
-from vipo_jax.training.validate import reward_spec, validate
+from vipo_jax.rewards import reward_weights
+from vipo_jax.training.checks import check_config as validate
 
 
 def test_configs_validate():
@@ -46,14 +47,17 @@ def test_bad_values_are_clear_errors(key, value, match):
         validate(c)
 
 
-def test_reward_spec_parsing():
+def test_reward_weights_parsing():
     c = flux.get_config("toy")
     c.rewards.names, c.rewards.coefs = "redness, toy_clip", "1.0, 0.5"
-    assert reward_spec(c) == [("redness", 1.0), ("toy_clip", 0.5)]
+    assert reward_weights(c) == (("redness", 1.0), ("toy_clip", 0.5))
 
 
 def test_real_config_without_weights_says_what_to_download(tmp_path):
-    from vipo_jax.worlds.flux import check_real_paths
+    from vipo_jax.worlds import check_world_config
+
+    def check_real_paths(c):
+        check_world_config(c, files=True)
 
     c = flux.get_config("")
     with pytest.raises(CheckpointError, match="black-forest-labs/FLUX.1-dev"):

@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs.flux import get_config
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
@@ -20,7 +19,8 @@ from vipo_jax.evaluation.checkpoints import expand_checkpoint
 from vipo_jax.evaluation.report import group_stats
 from vipo_jax.toy.digits import prompt_set
 from vipo_jax.training.checkpoint import RunCheckpointer
-from vipo_jax.training.run import init_state, make_optimizer
+from vipo_jax.training.optim import make_optimizer
+from vipo_jax.training.run import init_state
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def toy():
 
     c = get_config("toy")
     c.log.num_eval_prompts = 2
-    return c, build_world(c)
+    return c, build_world(c, evaluation=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def run_dir(toy, tmp_path_factory):
     """A run workdir whose checkpoint holds visibly different policy parameters."""
     c, world = toy
     d = tmp_path_factory.mktemp("run")
-    _, params = nnx.split(world.policy)
+    params = world.params
     moved = jax.tree.map(lambda p: p * 0.5, params)
     ck = RunCheckpointer(d)
     ck.save(7, init_state(moved, make_optimizer(c), 0), {"iteration": 7})
@@ -113,7 +113,7 @@ def test_evaluate_base_vs_checkpoint(toy, run_dir, tmp_path):
 
 def test_restore_errors(toy, run_dir, tmp_path):
     _, world = toy
-    _, params = nnx.split(world.policy)
+    params = world.params
     with pytest.raises(CheckpointError, match="no checkpoints/ folder"):
         restore_params(CheckpointSpec("x", str(tmp_path)), params)
     with pytest.raises(CheckpointError, match="no checkpoint at step 3"):

@@ -25,11 +25,14 @@ from configs import flux
 from tests.test_train_step import DECODER, LATENT, PROJ, decode_fn, feature_fn
 from vipo_jax.errors import CheckpointError, ConfigError
 from vipo_jax.nn.lora import Linear
-from vipo_jax.toy.rewards import redness
-from vipo_jax.training import adapters
+from vipo_jax.rewards.pixels import redness
+from vipo_jax.training.checks import check_config as validate
+from vipo_jax.training.lora import initial_adapters, lora_config
 from vipo_jax.training.run import init_state, train
-from vipo_jax.training.step import StepConfig, make_train_step
-from vipo_jax.training.validate import validate
+from vipo_jax.training.step import make_train_step
+from vipo_jax.training.step_config import StepConfig
+from vipo_jax.worlds import BASE_KEY, get_family
+from vipo_jax.worlds.world import adapted_policy, merge_lora_state, split_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 C = LATENT[-1]
@@ -60,23 +63,22 @@ def synthetic():
     model = Velocity(nnx.Rngs(0))
     c = flux.get_config("toy")
     c.lora.rank, c.lora.alpha, c.lora.targets = 2, 4.0, "l1,l2"
-    world = SimpleNamespace(policy=model, graphdefs={"policy": nnx.graphdef(model)},
-                            frozen={"dec": DECODER, "proj": PROJ})
-    lora_world, params, paths = adapters.attach_lora(world, c)
-    assert paths == ["l1", "l2"] and world.graphdefs["policy"] is not lora_world.graphdefs["policy"]
+    graphdef, params, base, paths = split_lora(model, lora_config(c), c.seed)
+    assert paths == ["l1", "l2"] and graphdef is not nnx.graphdef(model)
+    frozen = {"dec": DECODER, "proj": PROJ, BASE_KEY: base}
 
     def velocity_fn(p, x, s, cond):
-        return nnx.merge(lora_world.graphdefs["policy"], p)(x, s, cond)
+        return nnx.merge(graphdef, p)(x, s, cond)
 
     opt = optax.adamw(3e-2, weight_decay=1e-4)
     step = make_train_step(STEP_CFG, velocity_fn=velocity_fn, decode_fn=decode_fn,
                            reward_fns={"redness": lambda f, im, b: redness(im) * f["scale"]},
                            feature_fn=feature_fn, optimizer=opt, latent_shape=LATENT,
-                           policy_params=adapters.policy_params, ema_decay=DECAY)
+                           policy_params=merge_lora_state, ema_decay=DECAY)
 
     def fresh(scale: float = 1.0):
         state = init_state(jax.tree.map(jnp.copy, params), opt, seed=0, ema=True)
-        return state, {**lora_world.frozen, "scale": jnp.float32(scale)}
+        return state, {**frozen, "scale": jnp.float32(scale)}
 
     return SimpleNamespace(step=jax.jit(step, donate_argnums=0), fresh=fresh, model=model,
                            velocity_fn=velocity_fn)
@@ -88,7 +90,7 @@ def _np(tree):
 
 def test_lora_step_trains_only_the_adapters(synthetic):
     state, frozen = synthetic.fresh()
-    base_before = _np(frozen[adapters.BASE_KEY])
+    base_before = _np(frozen[BASE_KEY])
     adapter_shapes = {tuple(x.shape) for x in jax.tree.leaves(state["params"])}
     assert len(jax.tree.leaves(state["params"])) == 4  # A and B of two layers
     # optimizer moments exist for the adapters only (plus scalar counters)
@@ -97,7 +99,7 @@ def test_lora_step_trains_only_the_adapters(synthetic):
     x = jax.random.normal(jax.random.PRNGKey(1), (2,) + LATENT)
     sig = jnp.full((2,), 0.5)
     np.testing.assert_array_equal(
-        np.asarray(synthetic.velocity_fn(adapters.policy_params(state["params"], frozen), x, sig, BATCH["cond"])),
+        np.asarray(synthetic.velocity_fn(merge_lora_state(state["params"], frozen), x, sig, BATCH["cond"])),
         np.asarray(synthetic.model(x, sig, BATCH["cond"])))
     b0 = _np(state["params"])
     for _ in range(3):
@@ -105,9 +107,9 @@ def test_lora_step_trains_only_the_adapters(synthetic):
         assert float(m["ratio_dev_first_update"]) == 0.0  # on-policy ratio exactly 1 with LoRA
         assert float(m["updates_skipped"]) == 0.0 and float(m["grad_norm"]) > 0
     assert any(not np.array_equal(a, b) for a, b in zip(b0, _np(state["params"])))  # the adapters moved
-    for a, b in zip(base_before, _np(frozen[adapters.BASE_KEY])):  # the base weights did not
+    for a, b in zip(base_before, _np(frozen[BASE_KEY])):  # the base weights did not
         np.testing.assert_array_equal(a, b)
-    merged = synthetic.velocity_fn(adapters.policy_params(state["params"], frozen), x, sig, BATCH["cond"])
+    merged = synthetic.velocity_fn(merge_lora_state(state["params"], frozen), x, sig, BATCH["cond"])
     assert not np.allclose(np.asarray(merged), np.asarray(synthetic.model(x, sig, BATCH["cond"])))
 
 
@@ -144,8 +146,8 @@ def test_bad_config_values():
                         ({"lora.rank": 2, "lora.targets": "attn,("}, "not a regular expression")]:
         with pytest.raises(ConfigError, match=match):
             validate(cfg(**over))
-    assert adapters.lora_config(cfg(**{"lora.rank": 2})).targets == adapters.DEFAULT_TARGETS["flux"]
-    assert not adapters.lora_config(cfg()).enabled
+    assert lora_config(cfg(**{"lora.rank": 2})).targets == get_family("flux").lora_targets
+    assert not lora_config(cfg()).enabled
 
 
 def test_default_targets_are_the_attention_and_mlp_projections():
@@ -157,12 +159,12 @@ def test_default_targets_are_the_attention_and_mlp_projections():
     from vipo_jax.weights.loading import abstract_model
 
     flux_paths = [p for p, _ in lora_layers(abstract_model(FluxTransformer, FluxConfig()),
-                                            adapters.DEFAULT_TARGETS["flux"])]
+                                            get_family("flux").lora_targets)]
     assert flux_paths == ["single_transformer_blocks.linear1", "single_transformer_blocks.linear2"] + [
         f"transformer_blocks.{s}_{n}" for s in ("img", "txt")
         for n in ("attn.qkv", "attn_out", "mlp.linear_in", "mlp.linear_out")]
     wan_paths = [p for p, _ in lora_layers(abstract_model(WanTransformer, preset("wan2.1-t2v-1.3b")),
-                                           adapters.DEFAULT_TARGETS["wan"])]
+                                           get_family("wan").lora_targets)]
     assert wan_paths == [f"blocks.attn{i}.to_{n}" for i in (1, 2) for n in ("k", "out", "q", "v")] + [
         "blocks.ffn.linear_in", "blocks.ffn.linear_out"]
 
@@ -200,7 +202,7 @@ def runs(world, tmp_path_factory):
     """A 3-iteration LoRA + EMA run, and the same run stopped after 2 (with evaluation at its start
     and end, on the EMA weights) and resumed to 3. Records whether later compiles hit the cache."""
     d = tmp_path_factory.mktemp("lora")
-    base = _np(nnx.state(world.policy))
+    base = _np(world.params)
     straight = train(toy_config(3), d / "straight", world=world, progress=False)
     part = train(toy_config(2, **{"log.eval_every": 2}), d / "resumed", world=world, progress=False)
     resumed = train(toy_config(3), d / "resumed", world=world, progress=False)
@@ -209,8 +211,8 @@ def runs(world, tmp_path_factory):
 
 def test_toy_lora_run_state_checkpoint_and_resume(world, runs):
     state = runs.straight["state"]
-    lora = adapters.lora_config(toy_config(1))
-    paths = adapters.adapted_policy(world.policy, lora, 0)[1]
+    lora = lora_config(toy_config(1))
+    paths = adapted_policy(world.policy(), lora, 0)[1]
     assert len(paths) == 10  # double blocks: img/txt qkv, out, mlp in/out; single blocks: linear1/2
     names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
     assert len(names) == 2 * len(paths) and all("lora_a" in n or "lora_b" in n for n in names)
@@ -224,7 +226,7 @@ def test_toy_lora_run_state_checkpoint_and_resume(world, runs):
     ck_names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(md["params"])[0]]
     assert len(ck_names) == 2 * len(paths) and not any("kernel" in n for n in ck_names)
     # the caller's world (the base policy) is untouched by the LoRA runs
-    for a, b in zip(runs.base, _np(nnx.state(world.policy))):
+    for a, b in zip(runs.base, _np(world.params)):
         np.testing.assert_array_equal(a, b)
     # on-policy ratio exactly 1 before the first update, every iteration
     recs = [json.loads(x) for x in (runs.dir / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -253,10 +255,10 @@ def test_export_and_evaluate_merge_the_adapters(world, runs, tmp_path):
     from vipo_jax.evaluation import CheckpointSpec, restore_params
     from vipo_jax.evaluation.export import export_policy, load_exported
     from vipo_jax.evaluation.run import checkpoint_params
-    from vipo_jax.worlds.flux_policy import flux_velocity
+    from vipo_jax.models.flux.velocity import flux_velocity
 
     run = runs.dir / "straight"
-    lora = adapters.lora_config(toy_config(1))
+    lora = lora_config(toy_config(1))
     rec = export_policy(run, tmp_path / "merged")
     rec_ema = export_policy(run, tmp_path / "merged_ema", use_ema=True)
     assert rec["step"] == 3 and rec["weights"] == "params" and rec_ema["weights"] == "ema"
@@ -266,8 +268,8 @@ def test_export_and_evaluate_merge_the_adapters(world, runs, tmp_path):
     merged, merged_ema = load_exported(tmp_path / "merged"), load_exported(tmp_path / "merged_ema")
 
     # kernels: W + s A B on adapted layers, bit-identical elsewhere
-    trained, _ = restore_params(CheckpointSpec("r", str(run)), adapters.initial_adapters(world.policy, lora))
-    base = nnx.state(world.policy)
+    trained, _ = restore_params(CheckpointSpec("r", str(run)), initial_adapters(world.policy(), lora))
+    base = world.params
     m_flat = dict(nnx.to_flat_state(nnx.state(merged)))
     a = trained["transformer_blocks"]["img_attn"]["qkv"]
     w = np.asarray(base["transformer_blocks"]["img_attn"]["qkv"]["kernel"][...], np.float64)
@@ -280,22 +282,22 @@ def test_export_and_evaluate_merge_the_adapters(world, runs, tmp_path):
         np.testing.assert_array_equal(np.asarray(m_flat[key][...]), np.asarray(dict(nnx.to_flat_state(base))[key][...]))
 
     # the merged model's forward equals the unmerged base + adapters
-    unmerged, _ = adapters.adapted_policy(world.policy, lora, 0)
+    unmerged, _ = adapted_policy(world.policy(), lora, 0)
     nnx.update(unmerged, trained)
     x = jax.random.normal(jax.random.PRNGKey(0), (1,) + tuple(world.latent_shape))
     sigma = jnp.full((1,), 0.7)
-    t5, pooled = jnp.asarray(world.cond["t5"][:1]), jnp.asarray(world.cond["pooled"][:1])
-    g = jnp.full((1,), world.guidance, jnp.float32)
+    t5, pooled = jnp.asarray(world.train_prompts.cond["t5"][:1]), jnp.asarray(world.train_prompts.cond["pooled"][:1])
+    g = jnp.full((1,), world.options.guidance, jnp.float32)
     fwd = jax.jit(lambda gd, st: flux_velocity(nnx.merge(gd, st), x, sigma, t5, pooled, g))
     v_unmerged = fwd(*nnx.split(unmerged))
     v_merged = fwd(*nnx.split(merged))
-    v_base = fwd(*nnx.split(world.policy))
+    v_base = fwd(*nnx.split(world.policy()))
     np.testing.assert_allclose(np.asarray(v_merged), np.asarray(v_unmerged), rtol=1e-4, atol=1e-5)
     assert not np.allclose(np.asarray(v_merged), np.asarray(v_base))
 
     # evaluation reads the same merged weights (and the EMA ones with ema=True)
     for spec, model in [(CheckpointSpec("r", str(run)), merged), (CheckpointSpec("e", str(run), ema=True), merged_ema)]:
-        params, step, what = checkpoint_params(spec, world.policy, base)
+        params, step, what = checkpoint_params(spec, world.policy(), base)
         assert step == 3 and what["lora_rank"] == RANK
         for p, q in zip(_np(params), _np(nnx.state(model))):
             np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)
@@ -316,7 +318,7 @@ def test_export_errors(runs, tmp_path):
 def test_targets_matching_no_layer_name_real_paths(world):
     c = toy_config(1, **{"lora.targets": "no_such_layer"})
     with pytest.raises(ConfigError, match=r"--config\.lora\.targets .*transformer_blocks"):
-        adapters.attach_lora(world, c)
+        world.with_lora(lora_config(c), c.seed)
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.models.flux import FluxConfig, FluxTransformer
+from vipo_jax.models.flux.flops import flux_forward_flops
 from vipo_jax.models.flux.packing import latent_image_ids, text_ids
 from vipo_jax.models.wan import WanConfig, WanTransformer
+from vipo_jax.models.wan.flops import wan_forward_flops
 from vipo_jax.nn.stack import unrolled_stacks
-from vipo_jax.plan.flops import flux_forward_flops, iteration_flops, wan_forward_flops
+from vipo_jax.plan.flops import iteration_flops
 
 
 def xla_flops(fn, *args) -> float:

@@ -16,79 +16,36 @@ import pytest
 
 from configs import flux
 from vipo_jax.errors import CheckpointError, DataError
-from vipo_jax.toy.tokenizer import build_toy_tokenizers, clip_vocab, t5_vocab
+from vipo_jax.testing.reference_pipelines import clip_text_config, write_clip_model, write_dinov2, write_flux_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 PROMPTS = ["a red 3 on a blue background", "a green 7 on a white background", "a blue 1 on a black background",
            "a yellow 5 on a gray background", "a cyan 0 on a magenta background", "a white 8 on a red background"]
 T5_DIM, CLIP_DIM = 32, 24
-
-
-def _clip_text_config() -> dict:
-    """A tiny CLIP text tower over the toy CLIP tokenizer's vocabulary (bos / eos / pad ids as
-    FLUX's tokenizer/: padding with eos, eos the highest id), 77 positions like CLIP-L."""
-    v = clip_vocab()
-    return dict(vocab_size=len(v), hidden_size=CLIP_DIM, intermediate_size=40, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=v["<|startoftext|>"],
-                eos_token_id=v["<|endoftext|>"], pad_token_id=v["<|endoftext|>"], projection_dim=16)
-
-
-def _write_pipeline(torch, root: Path) -> None:
-    import diffusers
-    import transformers as tf
-
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_DIM, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
-        norm_num_groups=4, latent_channels=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
-    text_encoder = tf.CLIPTextModel(tf.CLIPTextConfig(**_clip_text_config()))
-    text_encoder_2 = tf.T5EncoderModel(tf.T5Config(
-        vocab_size=len(t5_vocab()) + 7, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    clip_tok, t5_tok = build_toy_tokenizers(root / "_tok")
-    tokenizer, tokenizer_2 = tf.AutoTokenizer.from_pretrained(clip_tok), tf.AutoTokenizer.from_pretrained(t5_tok)
-    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-    pipe.to(torch.bfloat16)  # FLUX.1-dev ships bf16 weights
-    pipe.save_pretrained(root, safe_serialization=True)
-    shutil.rmtree(root / "_tok")
-    build_toy_tokenizers(root)  # the loadable-offline versions (tokenizer_config class name fixed)
-
-
-def _write_dinov2(torch, folder: Path) -> None:
-    import transformers as tf
-
-    torch.manual_seed(1)
-    tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                   image_size=56, patch_size=14)).save_pretrained(folder)
-
-
-def _write_pickscore(torch, folder: Path) -> None:
-    import transformers as tf
-
-    torch.manual_seed(2)
-    text = {**_clip_text_config(), "hidden_size": 32, "intermediate_size": 37}
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_DIM,
+                   guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
+           norm_num_groups=4, latent_channels=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+           use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
+              patch_size=14)
+PICKSCORE_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
 
 
 @pytest.fixture(scope="module")
 def assets(torch, tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("real_world")
     root = base / "FLUX.1-tiny"
-    _write_pipeline(torch, root)
-    _write_dinov2(torch, base / "dinov2")
-    _write_pickscore(torch, base / "pickscore")
+    # bf16 weights, as FLUX.1-dev ships them
+    write_flux_pipeline(torch, root, transformer=TRANSFORMER, vae=VAE, t5_dim=T5_DIM, clip_dim=CLIP_DIM,
+                        dtype="bfloat16", seed=0)
+    write_dinov2(torch, base / "dinov2", config=DINOV2, seed=1)
+    write_clip_model(torch, base / "pickscore", text=clip_text_config(32, intermediate_size=37),
+                     vision=PICKSCORE_VISION, projection_dim=16, seed=2)
     return {"base": base, "root": root, "dinov2": base / "dinov2", "pickscore": base / "pickscore"}
 
 
@@ -192,7 +149,7 @@ def test_truncated_transformer_is_a_checkpoint_error(assets, tmp_path):
 @pytest.mark.parametrize("length", [0, 513])
 def test_max_text_len_out_of_range_is_a_config_error(length):
     from vipo_jax.errors import ConfigError
-    from vipo_jax.training.validate import validate
+    from vipo_jax.training.checks import check_config as validate
 
     c = flux.get_config("")
     c.sampling.max_text_len = length
@@ -207,7 +164,6 @@ def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
     import numpy as np
 
     from tests.test_image_reward import write_reference
-    from vipo_jax.evaluation.run import eval_config
     from vipo_jax.rewards.image_reward import ImageRewardScorer
     from vipo_jax.worlds import build_world
 
@@ -215,12 +171,10 @@ def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
     write_reference(torch, tmp_path / "ir")
     c = tiny_config(assets, _prompts_file(tmp_path / "data", PROMPTS[:2]), 1)
     c.rewards.image_reward = str(tmp_path / "ir" / "converted")
-    c = eval_config(c)
-    assert c.rewards.names == "pickscore,image_reward" and not c.psm.enabled
-    world = build_world(c)
-    assert set(world.eval_fns) >= {"pickscore", "image_reward"}
+    world = build_world(c, evaluation=True)
+    assert list(world.metrics) == ["pickscore", "image_reward"] and not world.has_backbone
     images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
-    got = world.eval_metrics(images, world.eval_prompts)
-    want = ImageRewardScorer.from_folder(c.rewards.image_reward).score(images, world.eval_prompts)
+    got = world.eval_metrics(images)
+    want = ImageRewardScorer.from_folder(c.rewards.image_reward).score(images, list(world.eval_prompts.prompts))
     assert abs(got["image_reward"] - float(np.mean(want))) < 1e-4
     assert np.isfinite(got["pickscore"])

@@ -67,18 +67,17 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, world):
 
     import jax.numpy as jnp
 
-    bad = dataclasses.replace(world, reward_fns={**world.reward_fns,
-                                                 "redness": lambda f, im, b: jnp.full(im.shape[:1], jnp.nan)})
+    bad = dataclasses.replace(world, rewards={**world.rewards,
+                                              "redness": lambda f, im, b: jnp.full(im.shape[:1], jnp.nan)})
     c = small_config(10, **{"train.max_nonfinite": 2})
     with pytest.raises(NonFiniteError, match="2 consecutive updates"):
         train(c, tmp_path / "nan", world=bad, progress=False)
     ckpt = RunCheckpointer(tmp_path / "nan")
     assert ckpt.latest_step() == 2
-    from flax import nnx
+    from vipo_jax.training.optim import make_optimizer
+    from vipo_jax.training.run import init_state
 
-    from vipo_jax.training.run import init_state, make_optimizer
-
-    fresh = init_state(nnx.split(world.policy)[1], make_optimizer(c), c.seed)
+    fresh = init_state(world.params, make_optimizer(c), c.seed)
     restored, meta = ckpt.restore(fresh)
     for x, y in zip(_params(fresh), _params(restored)):  # no update was applied
         np.testing.assert_array_equal(x, y)

@@ -12,9 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from vipo_jax.toy.rewards import redness
+from vipo_jax.rewards.pixels import redness
 from vipo_jax.training.run import init_state
-from vipo_jax.training.step import StepConfig, make_sampler, make_train_step
+from vipo_jax.training.step import make_sampler, make_train_step
+from vipo_jax.training.step_config import StepConfig
 
 H = W = 8
 C = 4
@@ -69,7 +70,7 @@ def make(cfg_over=None, reward=None):
 
 @pytest.mark.parametrize("over", [{}, {"logprob_reduction": "sample_mean"}, {"num_updates": 2, "micro_batch": 2},
                                   {"init_same_noise": False},
-                                  {"psm_enabled": False}, {"map_target": "reward"}])
+                                  {"psm": None}, {"map_target": "reward"}])
 def test_ratio_is_exactly_one_before_the_first_update(over):
     step, state, frozen, batch, _ = make(over)
     state, m = step(state, frozen, batch)

@@ -1,19 +1,25 @@
 """Parity of our jitted ViPO iteration with the PyTorch one organised like the reference scripts
-(benchmarks/vs_pytorch.py) at its smallest size: same log-probs, PSM maps, advantages, loss and
-gradients from the same weights and randomness. Timings are the benchmark's business, not the test's."""
+(vipo_jax/testing/parity.py, also run by benchmarks/vs_pytorch.py) at its smallest size: our
+pretrained world built by ``build_world`` from a tiny FLUX.1 pipeline folder and a DINOv2 folder
+written by the reference libraries, against the torch modules that wrote them; same log-probs, PSM
+maps, advantages, loss and gradients from the same weights, conditioning and randomness. Timings are
+the benchmark's business, not the test's."""
 
 from __future__ import annotations
 
 import pytest
 
+from configs import flux
+
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # two step compiles: about a minute on 2 cores
 
 
 def test_iteration_matches_pytorch(tmp_path, torch):
-    from benchmarks import vs_pytorch
+    from vipo_jax.testing import parity
 
-    world = vs_pytorch.build_world("test", tmp_path)
-    result = vs_pytorch.run_parity(world, log=lambda s: None)
+    pair = parity.build_pair(flux.get_config(""), "test", tmp_path)
+    assert pair.world.source == "pretrained"
+    result = parity.run_parity(pair, log=lambda s: None)
     failed = [c for c in result.checks if not c.ok]
     assert not failed, "\n" + result.table()
     names = {c.name for c in result.checks if not c.info}

@@ -20,7 +20,7 @@ from configs import wan
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.models.wan import WanConfig, WanTransformer
-from vipo_jax.worlds.wan_policy import wan_velocity
+from vipo_jax.models.wan.velocity import wan_velocity
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -99,18 +99,18 @@ def toy_world():
 
 @pytest.fixture(scope="module")
 def toy_step(toy_world):
-    from vipo_jax.training.run import init_state, make_optimizer
+    from vipo_jax.training.optim import make_optimizer
+    from vipo_jax.training.run import init_state
 
     c = toy_config()
     w = toy_world
     opt = make_optimizer(c)
 
     def make(step_cfg):
-        from vipo_jax.training.step import make_train_step
+        from vipo_jax.training.step import train_step_for
 
-        step = make_train_step(step_cfg, velocity_fn=w.velocity_fn, decode_fn=w.decode_fn, reward_fns=w.reward_fns,
-                               feature_fn=w.feature_fn, optimizer=opt, latent_shape=w.latent_shape)
-        return jax.jit(step, donate_argnums=0), init_state(nnx.split(w.policy)[1], opt, 0)
+        step = train_step_for(w, step_cfg, opt)
+        return jax.jit(step, donate_argnums=0), init_state(w.params, opt, 0)
 
     return make
 
@@ -118,7 +118,7 @@ def toy_step(toy_world):
 def test_toy_world_shapes_and_cfg(toy_world):
     w = toy_world
     assert w.latent_shape == (3, 8, 8, 8)
-    assert w.guidance == 5.0 and not w.uncond_grad
+    assert w.options.guidance == 5.0 and not w.options.uncond_grad
     b = w.batch(np.array([0, 3]))
     assert b["cond"]["text"].shape == (2, 8, 64) and b["cond"]["neg"].shape == (2, 8, 64)
     np.testing.assert_array_equal(np.asarray(b["cond"]["neg"][0]), np.asarray(b["cond"]["neg"][1]))
@@ -127,16 +127,19 @@ def test_toy_world_shapes_and_cfg(toy_world):
     assert np.abs(neg[0]).max() > 0 and np.abs(neg[1:]).max() == 0.0
     text = np.asarray(b["cond"]["text"][0])  # 7 words + end token fill all 8 positions
     assert np.abs(text).max(axis=-1).min() > 0
-    assert set(w.reward_fns) == {"redness", "toy_clip", "digit_accuracy"}
-    assert set(w.eval_fns) == {"redness", "toy_clip", "digit_accuracy", "color_match"}
+    assert set(w.rewards) == {"redness", "toy_clip", "digit_accuracy"}
+    assert set(w.metrics) == {"redness", "toy_clip", "digit_accuracy", "color_match"}
 
 
 def test_video_toy_step_cfg_ratio_is_one_and_rewards_per_frame(toy_world, toy_step):
     """CFG on: rollout and training evaluate the same guided velocity, so the first update's ratio is
     exactly 1; the per-frame rewards are finite, the video PSM map is in [0, 1]."""
     w = toy_world
-    assert w.step_config.rewards == (("redness", 1.0), ("toy_clip", 0.5))
-    step, state = toy_step(w.step_config)
+    from vipo_jax.training.step_config import StepConfig
+
+    assert w.reward_weights == (("redness", 1.0), ("toy_clip", 0.5))
+    step, state = toy_step(StepConfig.from_config(toy_config(**{"rewards.names": "redness,toy_clip",
+                                                                 "rewards.coefs": "1.0,0.5"})))
     before = [np.array(x) for x in jax.tree.leaves(state["params"])]
     state, m = step(state, w.frozen, w.batch(np.array([5])))
     m = {k: float(v) for k, v in m.items()}
@@ -160,14 +163,15 @@ def test_video_feature_fn_per_frame(toy_world):
 
 
 def test_video_rewards_average_frames(toy_world):
-    from vipo_jax.rewards.video import frame_indices, per_frame, per_frame_scores
-    from vipo_jax.toy.rewards import redness
+    from vipo_jax.rewards.frames import frame_indices, per_frame, per_frame_scores
+    from vipo_jax.rewards.pixels import redness
 
     w = toy_world
     videos = jax.random.uniform(jax.random.PRNGKey(2), (3, 9, 32, 32, 3))
-    batch = {"labels": jnp.asarray([[3, 0, 2], [5, 1, 8], [7, 2, 6]]), "clip_ids": jnp.asarray(w.cond["clip_ids"][:3])}
-    frames = [w.reward_fns["redness"](w.frozen, videos[:, t:t + 1], batch) for t in range(9)]
-    assert_close(w.reward_fns["redness"](w.frozen, videos, batch), jnp.mean(jnp.stack(frames), 0), rel=1e-5)
+    batch = {"labels": jnp.asarray([[3, 0, 2], [5, 1, 8], [7, 2, 6]]),
+             "clip_ids": jnp.asarray(w.train_prompts.inputs["clip_ids"][:3])}
+    frames = [w.rewards["redness"](w.frozen, videos[:, t:t + 1], batch) for t in range(9)]
+    assert_close(w.rewards["redness"](w.frozen, videos, batch), jnp.mean(jnp.stack(frames), 0), rel=1e-5)
     assert_close(per_frame(lambda f, im, b: redness(im))(None, videos, {}), jnp.mean(jnp.stack(frames), 0), rel=1e-5)
     # chunked over time (lax.map) = all at once; the stride keeps the first and last frames
     fn = lambda f, im, b: redness(im) * b["s"]  # noqa: E731
@@ -176,7 +180,7 @@ def test_video_rewards_average_frames(toy_world):
                  rel=1e-6)
     assert frame_indices(9, 3) == (0, 3, 6, 8) and frame_indices(53, 4)[-1] == 52
     for name in ("toy_clip", "digit_accuracy"):
-        r = w.reward_fns[name](w.frozen, videos, batch)
+        r = w.rewards[name](w.frozen, videos, batch)
         assert r.shape == (3,) and bool(jnp.all(jnp.isfinite(r)))
 
 
@@ -218,7 +222,7 @@ def test_wan_encoding_zero_pads_after_each_prompt(tiny_text):
 
 def test_negative_prompt_cache(tiny_text, tmp_path):
     from vipo_jax.text.prompt_cache import PromptEncoder
-    from vipo_jax.worlds.wan import cached_embeddings
+    from vipo_jax.worlds.build import cached_embeddings
 
     t5, tok = tiny_text
     loads = []
@@ -305,7 +309,7 @@ def test_videoalign_is_a_clear_config_error():
     with pytest.raises(ConfigError, match="not ported yet(.|\n)*fn\\(frozen, videos, batch\\)"):
         build_world(c)  # before any weights are looked for
     c = toy_config(**{"rewards.names": "hpsv21"})
-    with pytest.raises(ConfigError, match="not available in the video toy world"):
+    with pytest.raises(ConfigError, match="not available in the toy world"):
         build_world(c)
 
 
@@ -317,7 +321,7 @@ def test_videoalign_is_a_clear_config_error():
     ("sampling.fps", 0.0, "fps=0.0"),
 ])
 def test_video_config_validation(key, value, match):
-    from vipo_jax.training.validate import validate
+    from vipo_jax.training.checks import check_config as validate
 
     c = wan.get_config("")
     validate(c)

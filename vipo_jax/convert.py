@@ -19,110 +19,12 @@ does the same for THUDM/ImageReward (``vipo_jax.models.blip.convert_image_reward
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
-
-from vipo_jax.errors import CheckpointError, VipoError
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(
-            "reading a PyTorch .pt checkpoint needs torch, which is not installed: "
-            "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-        ) from e
-    return torch
-
-
-def _to_numpy(torch, t) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def load_torch_state_dict(src: str | Path) -> dict[str, np.ndarray]:
-    """A torch pickle -> ``{name: numpy array}``, safely (``weights_only=True``)."""
-    src = Path(src)
-    if not src.is_file():
-        raise CheckpointError(f"checkpoint not found: {src}")
-    torch = _torch()
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many exception types for a bad file
-        raise CheckpointError(
-            f"{src} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]}). "
-            "Only plain tensor checkpoints load with weights_only=True."
-        ) from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{src} does not hold a state dict (got {type(obj).__name__})")
-    out: dict[str, np.ndarray] = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{src}: entry {k!r} is a {type(v).__name__}, not a tensor: "
-                                  "not a model state dict")
-        out[k[len("module."):] if str(k).startswith("module.") else str(k)] = _to_numpy(torch, v)
-    return out
-
-
-def _open_clip_model_cfg(model: str | None, config: str | Path | Mapping | None) -> dict[str, Any]:
-    from vipo_jax.models.clip.config import OPEN_CLIP_CONFIGS
-
-    if config is not None:
-        if isinstance(config, Mapping):
-            return dict(config)
-        try:
-            return json.loads(Path(config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"unreadable open_clip model config {config}: {e}") from e
-    model = model or "ViT-H-14"
-    if model not in OPEN_CLIP_CONFIGS:
-        raise CheckpointError(f"unknown open_clip model {model!r}: known {sorted(OPEN_CLIP_CONFIGS)}; "
-                              "pass --config with the model's open_clip json")
-    return OPEN_CLIP_CONFIGS[model]
-
-
-def convert_open_clip_checkpoint(src: str | Path, dst: str | Path, *, model: str | None = None,
-                                 config: str | Path | Mapping | None = None) -> Path:
-    """Convert an open_clip ``.pt`` (e.g. HPS_v2.1_compressed.pt) to ``dst`` (.safetensors) plus
-    ``dst.with_suffix(".json")`` (our CLIPConfig). ``model``: a name in
-    ``vipo_jax.models.clip.OPEN_CLIP_CONFIGS``; ``config``: an open_clip model config (dict or
-    json path). Returns the path of the written config."""
-
-    from vipo_jax.models.clip import CLIPModel, config_from_open_clip, convert_open_clip
-    from vipo_jax.weights.loading import abstract_model, abstract_params
-    from vipo_jax.weights.safetensors_io import save_safetensors
-
-    src, dst = Path(src), Path(dst)
-    if dst.suffix != ".safetensors":
-        raise CheckpointError(f"--dst must end in .safetensors, got {dst}")
-    cfg = config_from_open_clip(_open_clip_model_cfg(model, config))
-    tensors = load_torch_state_dict(src)
-    # Validate before writing: every key used, every shape right.
-    params = convert_open_clip(tensors, cfg, where=str(src))
-    want = abstract_params(abstract_model(CLIPModel, cfg))
-    for name, spec in want.items():
-        if tuple(np.shape(params[name])) != tuple(spec.shape):
-            raise CheckpointError(f"shape mismatch for {name} from {src}: checkpoint has "
-                                  f"{tuple(np.shape(params[name]))}, config expects {tuple(spec.shape)}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(dst, tensors, metadata={"format": "open_clip", "source": src.name})
-    cfg_path = dst.with_suffix(".json")
-    cfg_path.write_text(json.dumps({**cfg.to_dict(), "layout": "open_clip"}, indent=2) + "\n")
-    return cfg_path
+from vipo_jax.errors import VipoError
+from vipo_jax.models.blip.convert import convert_image_reward_checkpoint
+from vipo_jax.models.clip.convert import convert_open_clip_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,8 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "image-reward":
-            from vipo_jax.models.blip.convert import convert_image_reward_checkpoint
-
             out = convert_image_reward_checkpoint(args.src, args.out_dir, config=args.config,
                                                   med_config=args.med_config)
             print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")

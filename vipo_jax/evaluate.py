@@ -27,8 +27,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vipo_jax.data.prompts import load_prompts
 from vipo_jax.errors import VipoError
-from vipo_jax.evaluation.run import EVAL_REWARDS, eval_config  # noqa: F401 (part of this CLI's API)
+from vipo_jax.evaluation import evaluate, expand_checkpoint
+from vipo_jax.evaluation.report import comparison_rows, group_rows
+from vipo_jax.toy.digits import prompt_set
+from vipo_jax.utils.compile_cache import enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] of the evaluated runs",
                                           lock_config=False)
@@ -43,14 +47,11 @@ _GRID = flags.DEFINE_integer("grid_prompts", 8, "prompts shown in the image grid
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
 _USE_EMA = flags.DEFINE_bool("use_ema", False, "evaluate the runs' EMA weights (train.ema_decay > 0)")
 
-def default_prompts(c) -> list[str]:
-    from vipo_jax.data.prompts import load_prompts
 
+def default_prompts(c) -> list[str]:
     if _PROMPTS.value:
         return load_prompts(_PROMPTS.value, c.data.cache_dir or None).prompts()
     if c.world == "toy":
-        from vipo_jax.toy.digits import prompt_set
-
         return prompt_set("eval")
     if c.data.eval_prompts:
         return load_prompts(c.data.eval_prompts, c.data.cache_dir or None).prompts()
@@ -62,12 +63,9 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
     logging.set_verbosity(logging.WARNING)
-    from vipo_jax.evaluation import evaluate, expand_checkpoint
-    from vipo_jax.utils.compile_cache import enable_compilation_cache
-
     enable_compilation_cache()
     try:
-        c = eval_config(_CONFIG.value)
+        c = _CONFIG.value
         prompts = default_prompts(c)
         if _NUM_PROMPTS.value:
             prompts = prompts[: _NUM_PROMPTS.value]
@@ -80,8 +78,6 @@ def main(argv: list[str]) -> None:
     except (VipoError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from vipo_jax.evaluation.report import comparison_rows, group_rows
-
     for header, rows in (comparison_rows(results), group_rows(results)):
         if rows:
             print(" | ".join(header))

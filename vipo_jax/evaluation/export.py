@@ -19,45 +19,31 @@ from typing import Any
 import ml_collections as mlc
 from flax import nnx
 
-from vipo_jax.errors import CheckpointError, ConfigError
+from vipo_jax.errors import CheckpointError
 from vipo_jax.evaluation.checkpoints import CheckpointSpec
 from vipo_jax.evaluation.run import checkpoint_params
-from vipo_jax.training import adapters
+from vipo_jax.training.lora import lora_config
+from vipo_jax.training.run_dir import run_config
 from vipo_jax.weights.loading import ShardingFn
 from vipo_jax.weights.native import load_native, save_native
+from vipo_jax.worlds import get_family
 
 #: native ``vipo_kind`` of each family's policy
 KINDS = {"flux": "flux", "wan": "wan"}
 
 
 def load_policy(c: mlc.ConfigDict, sharding: ShardingFn | None = None) -> tuple[nnx.Module, Path | None]:
-    """The world's policy as ``build_world`` loads it (same dtypes, remat, attention), without the
-    other models; returns it and, for toy worlds, the assets folder it came from."""
-    m = c.model
-    kw = {"param_dtype": m.param_dtype, "dtype": m.dtype, "remat": m.remat, "attention": m.attention}
-    if m.family == "flux" and c.world == "toy":
-        from vipo_jax.toy import assets
-
-        root = assets.assets_dir(m.path or None)
-        return assets.load("transformer", root, **kw), root
-    if m.family == "wan" and c.world == "toy":
-        from vipo_jax.toy.video_assets import load_video, video_assets_dir
-
-        root = video_assets_dir(m.path or None)
-        return load_video("transformer", root, **kw), root
-    root = Path(m.path) if m.path else None
-    if root is None or not (root / "transformer").is_dir():
-        raise CheckpointError(f"the run's base model is not at --config.model.path={m.path!r} (no transformer/ "
-                              "folder there); pass --model_path=<the diffusers folder the run was trained from>")
-    if m.family == "flux":
-        from vipo_jax.models.flux import load_flux_transformer
-
-        return load_flux_transformer(root / "transformer", sharding=sharding, **kw), None
-    if m.family == "wan":
-        from vipo_jax.models.wan import load_wan_transformer
-
-        return load_wan_transformer(root / "transformer", sharding=sharding, **kw), None
-    raise ConfigError(f"model.family={m.family!r}: export knows flux and wan")
+    """The run's policy as its world loads it (same dtypes, remat, attention), without the other
+    models; returns it and, for toy worlds, the assets folder it came from."""
+    family = get_family(c.model.family)
+    if c.world == "toy":
+        toy = family.toy_models(c)
+        return toy.policy, toy.root
+    root = Path(c.model.path) if c.model.path else None
+    if root is None or not root.is_dir():
+        raise CheckpointError(f"the run's base model is not at --config.model.path={c.model.path!r}; pass "
+                              "--model_path=<the folder the run was trained from>")
+    return family.pretrained_models(c, root, sharding)[0], None
 
 
 def export_policy(workdir: str | Path, out: str | Path, *, step: int | None = None, use_ema: bool = False,
@@ -69,14 +55,14 @@ def export_policy(workdir: str | Path, out: str | Path, *, step: int | None = No
         raise CheckpointError(f"run workdir {workdir} does not exist")
     if not (workdir / "checkpoints").is_dir():
         raise CheckpointError(f"{workdir}: no checkpoints/ folder (is it a vipo_jax run workdir?)")
-    c = adapters.run_config(workdir)
+    c = run_config(workdir)
     if model_path:
         c.model.path = model_path
     policy, toy_root = load_policy(c)
     spec = CheckpointSpec("export", str(workdir), step, ema=use_ema)
     params, got, info = checkpoint_params(spec, policy, nnx.state(policy))
     nnx.update(policy, params)
-    lora = adapters.lora_config(c)
+    lora = lora_config(c)
     info.pop("lora_rank", None)
     info["lora"] = ({"rank": lora.rank, "alpha": lora.alpha, "scale": lora.scale, "targets": list(lora.targets)}
                     if lora.enabled else None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vipo_jax.training.logging import image_grid, save_png
+from vipo_jax.utils.media import image_grid, save_png
 
 
 def safe_name(label: str) -> str:

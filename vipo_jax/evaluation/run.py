@@ -19,27 +19,14 @@ from tqdm.auto import tqdm
 from vipo_jax.errors import CheckpointError, DataError
 from vipo_jax.evaluation.checkpoints import CheckpointSpec, restore_params, unique_labels
 from vipo_jax.evaluation.report import group_stats, safe_name, save_grids, write_reports
+from vipo_jax.nn.lora import LoraConfig
+from vipo_jax.training.ema import ema_decay
+from vipo_jax.training.lora import initial_adapters, lora_config, merged_params
+from vipo_jax.training.run_dir import run_config
 from vipo_jax.training.step import make_sampler
+from vipo_jax.worlds import World, build_world
 
 EVAL_NOISE_SEED = 9876
-
-
-#: Reward models a real world's evaluation scores whenever the config gives their path.
-EVAL_REWARDS = ("hpsv21", "pickscore", "clip_score", "image_reward")
-
-
-def eval_config(c: mlc.ConfigDict) -> mlc.ConfigDict:
-    """The run's config with every reward model that has a path scored (real worlds) and the PSM
-    backbone left unloaded (evaluation does not need it)."""
-    c = c.copy_and_resolve_references()
-    if c.world != "toy":
-        trained = [n.strip() for n in str(c.rewards.names).split(",") if n.strip()]
-        extra = [n for n in EVAL_REWARDS if n not in trained and n in c.rewards and c.rewards[n]]
-        names = trained + extra
-        c.rewards.names = ",".join(names)
-        c.rewards.coefs = ",".join(["1.0"] * len(names))
-        c.psm.enabled = False
-    return c
 
 
 def eval_noise(seed: int, num_prompts: int, latent_shape: tuple[int, ...]) -> jax.Array:
@@ -60,29 +47,26 @@ def checkpoint_params(spec: CheckpointSpec, policy: nnx.Module, base_params: Any
     """The full policy state a checkpoint stands for, shaped like ``base_params``: the run's
     params or EMA; for a LoRA run (per its ``config.json``) the adapters merged into the base
     weights. Returns it, the step and what it is (``{"weights", "lora_rank"}``)."""
-    from vipo_jax.training import adapters
-
     has_config = (Path(spec.path) / "config.json").is_file()
-    run_c = adapters.run_config(spec.path) if has_config else None
-    if spec.ema and run_c is not None and adapters.ema_decay(run_c) <= 0:
+    run_c = run_config(spec.path) if has_config else None
+    if spec.ema and run_c is not None and ema_decay(run_c) <= 0:
         raise CheckpointError(f"{spec.path} was trained without an EMA (train.ema_decay=0): evaluate it without "
                               "--use_ema")
     key = "ema" if spec.ema else "params"
-    lora = adapters.lora_config(run_c) if run_c is not None else adapters.LoraConfig()
+    lora = lora_config(run_c) if run_c is not None else LoraConfig()
     if lora.enabled:
-        trained, step = restore_params(spec, adapters.initial_adapters(policy, lora), key=key)
-        return adapters.merged_params(policy, lora, trained), step, {"weights": key, "lora_rank": lora.rank}
+        trained, step = restore_params(spec, initial_adapters(policy, lora), key=key)
+        return merged_params(policy, lora, trained), step, {"weights": key, "lora_rank": lora.rank}
     params, step = restore_params(spec, base_params, key=key)
     return params, step, {"weights": key, "lora_rank": 0}
 
 
 def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list[str], seeds: list[int],
-             out: str | Path, *, batch_size: int = 16, grid_prompts: int = 8, world: Any = None,
+             out: str | Path, *, batch_size: int = 16, grid_prompts: int = 8, world: World | None = None,
              progress: bool = True) -> dict:
-    """Sample ``prompts`` × ``seeds`` with each checkpoint, score, and write ``results.json``,
-    ``report.md``, ``report.html`` and grids into ``out``. Returns the results dict."""
-    from vipo_jax.worlds import build_world
-
+    """Sample ``prompts`` × ``seeds`` with each checkpoint, score with every metric of the world, and
+    write ``results.json``, ``report.md``, ``report.html`` and grids into ``out``. Returns the
+    results dict. ``world``: built by ``build_world(c, evaluation=True)`` when not given."""
     if not prompts:
         raise DataError("no evaluation prompts")
     if not checkpoints:
@@ -90,16 +74,17 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
     checkpoints = unique_labels(checkpoints)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = world or build_world(c)
+    world = world or build_world(c, evaluation=True)
     if world.encode is None:
-        raise DataError(f"the {type(world).__name__} cannot encode new prompts for evaluation")
+        raise DataError(f"a world of {world.source} weights cannot encode new prompts for evaluation")
     table = world.encode(list(prompts))
-    graphdef, base_params = nnx.split(world.policy)
+    base_params = world.params
+    policy = world.policy()
     sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift))
-    metric_fns = world.eval_fns
+    metric_fns = world.metrics
     score = jax.jit(lambda frozen, images, batch: {k: f(frozen, images, batch) for k, f in metric_fns.items()})
     n, bs = len(prompts), max(1, min(batch_size, len(prompts)))
-    in_domain = [name for name, _ in world.step_config.rewards]
+    in_domain = [name for name, _ in world.reward_weights]
 
     results: dict = {"prompts": list(prompts), "seeds": list(seeds), "in_domain": in_domain,
                      "metrics": sorted(metric_fns), "sampling": {"num_steps": c.sampling.num_steps,
@@ -113,7 +98,7 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
         if spec.path is None:
             params, step, what = base_params, 0, {"weights": "base", "lora_rank": 0}
         else:
-            params, step, what = checkpoint_params(spec, world.policy, base_params)
+            params, step, what = checkpoint_params(spec, policy, base_params)
         per_metric: dict[str, list[np.ndarray]] = {k: [] for k in metric_fns}
         images_seed0 = None
         for seed in seeds:
@@ -122,7 +107,7 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
             imgs_all = []
             for start in range(0, n, bs):
                 idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping (one compile)
-                batch = world.batch_from(table, idx)
+                batch = table.rows(idx)
                 imgs = sampler(params, world.frozen, batch["cond"], noise[idx])
                 scores = jax.device_get(score(world.frozen, imgs, batch))
                 keep = min(bs, n - start)

@@ -15,43 +15,12 @@ Kernels register themselves with :func:`register_attention` when this module is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
-import jax.numpy as jnp
 
-AttentionFn = Callable[..., jax.Array]
-_REGISTRY: dict[str, AttentionFn] = {}
+from vipo_jax.nn import attention_kernels as _attention_kernels  # noqa: F401  (registers splash, context)
+from vipo_jax.nn.attention_registry import _REGISTRY, available_attention, register_attention, xla_attention
 
-
-def register_attention(name: str, fn: AttentionFn) -> None:
-    _REGISTRY[name] = fn
-
-
-def available_attention() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                  bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-    """The reference: float32 logits and softmax; the fallback of every other kernel."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _cudnn(q, k, v, *, mask=None, bias=None, scale=None):
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                        implementation="cudnn")
-
-
-register_attention("xla", xla_attention)
-register_attention("cudnn", _cudnn)
+__all__ = ["attention", "available_attention", "register_attention", "xla_attention"]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -66,7 +35,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
             f"unknown attention implementation {implementation!r}; available: {available_attention()}"
         ) from None
     return fn(q, k, v, mask=mask, bias=bias, scale=scale)
-
-
-# The scale-out kernels register "splash" and "context"; imported last since they use the names above.
-from vipo_jax.nn import attention_kernels as _attention_kernels  # noqa: E402, F401

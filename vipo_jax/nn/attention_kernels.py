@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vipo_jax.nn.attention import register_attention, xla_attention
+from vipo_jax.nn.attention_registry import register_attention, xla_attention
 from vipo_jax.sharding.rules import current_rules, logical_to_spec
 
 log = logging.getLogger(__name__)

@@ -1,50 +1,13 @@
-"""Analytic FLOP counts (2 per multiply-add) of the policies' forward passes and of one ViPO
-iteration. XLA's cost analysis counts a loop body once, whatever its trip count (the layer scan,
-the rollout scan, the update scans), so iteration totals come from here; the planner checks these
-formulas against XLA on loop-free (unrolled) forwards.
+"""Analytic FLOP count (2 per multiply-add) of one ViPO iteration from its policy's forward
+(``vipo_jax.models.flux.flops``, ``vipo_jax.models.wan.flops``). XLA's cost analysis counts a loop
+body once, whatever its trip count (the layer scan, the rollout scan, the update scans), so
+iteration totals come from here; the planner checks the forward formulas against XLA on loop-free
+(unrolled) forwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-
-def flux_forward_flops(cfg, n_img: int, n_txt: int) -> float:
-    """One FLUX DiT forward for one sample with ``n_img`` image and ``n_txt`` text tokens
-    (``cfg``: a FluxConfig). Matmuls and attention; norms, RoPE and softmax are not counted."""
-    d, n = cfg.inner_dim, n_img + n_txt
-    per_token = 2 * (3 * d * d + d * d + 2 * d * cfg.mlp_hidden_dim)  # qkv, out, MLP (both block kinds)
-    attn = 4 * n * n * d  # QK^T and AV
-    blocks = (cfg.num_layers + cfg.num_single_layers) * (per_token * n + attn)
-    modulation = 2 * d * d * (6 * 2 * cfg.num_layers + 3 * cfg.num_single_layers + 2)
-    embed = (2 * n_img * cfg.in_channels * d + 2 * n_txt * cfg.joint_attention_dim * d
-             + 2 * (cfg.timestep_channels * d + d * d) * (2 if cfg.guidance_embeds else 1)
-             + 2 * (cfg.pooled_projection_dim * d + d * d))
-    out = 2 * n_img * d * cfg.out_dim
-    return float(blocks + modulation + embed + out)
-
-
-def wan_forward_flops(cfg, n_video: int, n_txt: int) -> float:
-    """One Wan DiT forward for one sample with ``n_video`` patch tokens and ``n_txt`` text tokens
-    (``cfg``: a WanConfig)."""
-    d = cfg.num_attention_heads * cfg.attention_head_dim
-    per_block = (2 * n_video * d * d * 4  # self-attention q, k, v, out
-                 + 4 * n_video * n_video * d  # self-attention scores and values
-                 + 2 * n_video * d * d * 2  # cross-attention q, out
-                 + 2 * n_txt * d * d * 2  # cross-attention k, v on the text
-                 + 4 * n_video * n_txt * d  # cross-attention scores and values
-                 + 2 * n_video * d * cfg.ffn_dim * 2)  # FFN
-    embed = (2 * n_video * cfg.in_channels * d * _prod(cfg.patch_size) + 2 * n_txt * (cfg.text_dim * d + d * d)
-             + 2 * (cfg.freq_dim * d + d * d + d * 6 * d))
-    out = 2 * n_video * d * cfg.out_channels * _prod(cfg.patch_size)
-    return float(cfg.num_layers * per_block + embed + out)
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)

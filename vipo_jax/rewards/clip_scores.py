@@ -28,13 +28,19 @@ Scores (per image, shape (B,)):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vipo_jax.errors import CheckpointError
 from vipo_jax.models.clip.model import CLIPModel, l2_normalize
+from vipo_jax.rewards.frames import per_frame_scores
+from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
 
+Array = jax.Array
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KINDS = ("hps_v21", "pickscore", "clip_score")
@@ -171,3 +177,116 @@ class CLIPRewardModel:
         else:
             txt = self.text_embeds[jnp.asarray(prompt_index)]
         return _from_cosine(self.model, _jit_cosine(self.model, images, txt), self.kind)
+
+
+# --- CLIP-family rewards per video frame --------------------------------------------------------------
+def clip_family_video(model: Any, videos: Array, text_ids: Array, kind: str, *, frame_stride: int = 1,
+                      frames_per_call: int = 0, attention_mask: Array | None = None) -> Array:
+    """Mean over frames of an image-text score (``kind``: hps_v21, pickscore, clip_score) of each
+    video with its prompt, (B,). The text features are computed once per video, not per frame."""
+    txt = text_embeds(model, text_ids, attention_mask)  # (B, P)
+
+    def frame_fn(_, images, rows):
+        return score_from_embeds(model, image_embeds(model, images), rows["txt"], kind)
+
+    return jnp.mean(per_frame_scores(frame_fn, None, videos, {"txt": txt}, frame_stride=frame_stride,
+                                     frames_per_call=frames_per_call), axis=1)
+
+
+def hps_v21_video(model: Any, videos: Array, text_ids: Array, **kw: Any) -> Array:
+    """HPSv2.1 averaged over frames, (B,)."""
+    return clip_family_video(model, videos, text_ids, "hps_v21", **kw)
+
+
+def pickscore_video(model: Any, videos: Array, text_ids: Array, **kw: Any) -> Array:
+    """PickScore averaged over frames, (B,)."""
+    return clip_family_video(model, videos, text_ids, "pickscore", **kw)
+
+
+def clip_score_video(model: Any, videos: Array, text_ids: Array, **kw: Any) -> Array:
+    """CLIP score (``100 * max(cos, 0)``) averaged over frames, (B,)."""
+    return clip_family_video(model, videos, text_ids, "clip_score", **kw)
+
+
+# --- registry entries ----------------------------------------------------------------------------------
+#: Shapes of the reward models the planner and random-weight benchmarks build (open_clip configs).
+ABSTRACT_MODELS = {"hpsv21": "ViT-H-14", "pickscore": "ViT-H-14", "clip_score": "ViT-L-14"}
+CLIP_TEXT_LENGTH = 77
+
+
+def clip_tokenizer_folder(c: Any) -> Path:
+    """The CLIP tokenizer the CLIP-family rewards tokenize prompts with: ``rewards.clip_tokenizer``,
+    or a FLUX.1 folder's ``tokenizer/`` (the same CLIP-L tokenizer)."""
+    given = str(c.rewards.get("clip_tokenizer", "") or "")
+    if given:
+        if not Path(given).is_dir():
+            raise CheckpointError(f"--config.rewards.clip_tokenizer={given!r} is not a folder")
+        return Path(given)
+    if c.model.family == "flux" and c.model.path and (Path(c.model.path) / "tokenizer").is_dir():
+        return Path(c.model.path) / "tokenizer"
+    raise CheckpointError(
+        "--config.rewards.clip_tokenizer is empty: give a CLIP tokenizer folder (e.g. the tokenizer files of "
+        "openai/clip-vit-large-patch14 or of a FLUX.1 folder's tokenizer/) to tokenize prompts for the "
+        "CLIP-family rewards")
+
+
+def _clip_reward_check(name: str):
+    def check(ctx: RewardContext) -> None:
+        path = str(ctx.config.rewards.get(name, "") or "")
+        if not path or not Path(path).exists():
+            raise CheckpointError(f"reward model for {name} not found: --config.rewards.{name}={path!r}")
+        clip_tokenizer_folder(ctx.config)
+
+    return check
+
+
+def _clip_reward_loader(name: str, kind: str):
+    def load(ctx: RewardContext) -> LoadedReward:
+        from vipo_jax.models.clip.config import OPEN_CLIP_CONFIGS, config_from_open_clip
+        from vipo_jax.models.clip.loading import load_clip
+        from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+        from vipo_jax.weights.loading import init_model
+
+        c = ctx.config
+        if ctx.source in ("abstract", "random"):
+            cfg = config_from_open_clip(OPEN_CLIP_CONFIGS[ABSTRACT_MODELS[name]], dtype=ctx.dtype)
+            model = init_model(CLIPModel, cfg, abstract=ctx.abstract)
+            prompt_inputs = None
+        else:
+            _clip_reward_check(name)(ctx)
+            model = load_clip(str(c.rewards[name]), param_dtype=ctx.dtype, sharding=ctx.sharding)
+            tok = load_tokenizer(clip_tokenizer_folder(c))
+
+            def prompt_inputs(texts: list[str]) -> dict:
+                return {"reward_ids": tokenize(tok, texts, CLIP_TEXT_LENGTH)[0]}
+
+        graphdef, params = nnx.split(model)
+        stride = int(c.rewards.get("frame_stride", 1))
+        per_call = int(c.rewards.get("frames_per_call", 0))
+
+        def score(p, images, batch):
+            return _score(nnx.merge(graphdef, p), images, batch["reward_ids"], None, kind)
+
+        def video_score(p, videos, batch):
+            return clip_family_video(nnx.merge(graphdef, p), videos, batch["reward_ids"], kind, frame_stride=stride,
+                                     frames_per_call=per_call)
+
+        return LoadedReward(score=score, params=params, prompt_inputs=prompt_inputs, video_score=video_score,
+                            input_specs={"reward_ids": jax.ShapeDtypeStruct((CLIP_TEXT_LENGTH,), jnp.int32)})
+
+    return load
+
+
+_REAL = ("pretrained", "random", "abstract")
+register(RewardEntry("hpsv21", _clip_reward_loader("hpsv21", "hps_v21"),
+                     "HPSv2.1: cosine of open_clip ViT-H-14 image and prompt features (the paper's Flux reward); "
+                     "--config.rewards.hpsv21=<python -m vipo_jax.convert hps output>", sources=_REAL,
+                     path_key="hpsv21", check=_clip_reward_check("hpsv21")))
+register(RewardEntry("pickscore", _clip_reward_loader("pickscore", "pickscore"),
+                     "PickScore_v1: exp(logit_scale) x cosine of a CLIP-H; --config.rewards.pickscore=<HF folder>",
+                     sources=_REAL, path_key="pickscore",
+                     check=_clip_reward_check("pickscore")))
+register(RewardEntry("clip_score", _clip_reward_loader("clip_score", "clip_score"),
+                     "CLIP score 100 x max(cosine, 0); --config.rewards.clip_score=<HF CLIPModel folder>",
+                     sources=_REAL, path_key="clip_score",
+                     check=_clip_reward_check("clip_score")))

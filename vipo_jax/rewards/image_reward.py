@@ -36,6 +36,7 @@ from vipo_jax.models.blip.loading import load_image_reward
 from vipo_jax.models.blip.model import ImageRewardModel
 from vipo_jax.rewards.clip_scores import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vipo_jax.rewards.clip_scores import preprocess as _clip_preprocess
+from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
 
 BLIP_MEAN = OPENAI_CLIP_MEAN
 BLIP_STD = OPENAI_CLIP_STD
@@ -160,3 +161,36 @@ class ImageRewardScorer:
         """ImageReward of ``images01[i]`` with ``prompts[i]`` (or the one prompt), numpy (B,)."""
         ids, mask = self.tokenize(prompts)
         return np.asarray(self.score_tokens(images01, ids, mask))
+
+
+# --- registry entry ------------------------------------------------------------------------------------
+def _check(ctx: RewardContext) -> None:
+    path = str(ctx.config.rewards.get("image_reward", "") or "")
+    if not path or not Path(path).exists():
+        raise CheckpointError(f"reward model for image_reward not found: --config.rewards.image_reward={path!r} "
+                              "(a folder made by `python -m vipo_jax.convert image-reward`)")
+
+
+def _load(ctx: RewardContext) -> LoadedReward:
+    c = ctx.config
+    _check(ctx)
+    path = str(c.rewards.image_reward)
+    tok = c.rewards.get("image_reward_tokenizer", "") or None
+    scorer = ImageRewardScorer.from_folder(path, tokenizer=tok, param_dtype=ctx.dtype, sharding=ctx.sharding)
+
+    def score(params, images, batch):
+        return scorer.score_fn(params, images, batch["ir_ids"], batch["ir_mask"])
+
+    def prompt_inputs(texts: list[str]) -> dict:
+        ids, mask = scorer.tokenize(texts)
+        return {"ir_ids": ids, "ir_mask": mask}
+
+    length = scorer.max_length
+    return LoadedReward(score=score, params=scorer.params, prompt_inputs=prompt_inputs,
+                        input_specs={"ir_ids": jax.ShapeDtypeStruct((length,), jnp.int32),
+                                     "ir_mask": jax.ShapeDtypeStruct((length,), jnp.int32)})
+
+
+register(RewardEntry("image_reward", _load, "ImageReward v1.0 (BLIP; the paper's out-of-domain metric); "
+                     "--config.rewards.image_reward=<python -m vipo_jax.convert image-reward output>",
+                     sources=("pretrained",), path_key="image_reward", check=_check))

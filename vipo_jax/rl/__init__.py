@@ -1,12 +1,14 @@
 """The RL core of ViPO as pure, jittable JAX functions (no model code: models are callables).
 
 ``schedule``: sigma grid. ``sde``: the flow SDE step and its Gaussian log-prob. ``rollout``: the
-sampler as one ``lax.scan`` plus the RNG helpers (shared group noise, trained-timestep subsets).
+sampler as one ``lax.scan``. ``logprob``: reducing log-probs, recomputing them in training.
+``timesteps``: the RNG helpers (shared group noise, trained-timestep subsets).
 ``advantages``: group-relative advantages. ``psm``: the Perceptual Structuring Module (allocation
 map). ``loss``: the per-position clipped surrogate.
 """
 
 from vipo_jax.rl.advantages import combine_advantages, group_advantages, pixel_rewards_to_advantages
+from vipo_jax.rl.logprob import LOGPROB_REDUCTIONS, reduce_logprob, step_logprob
 from vipo_jax.rl.loss import MAP_TARGETS, clipped_surrogate, pixel_advantages, policy_loss
 from vipo_jax.rl.psm import (
     AGGREGATIONS,
@@ -21,16 +23,7 @@ from vipo_jax.rl.psm import (
     psm_map_video,
     resize_bilinear_antialias,
 )
-from vipo_jax.rl.rollout import (
-    LOGPROB_REDUCTIONS,
-    gather_transitions,
-    initial_noise,
-    num_train_timesteps,
-    reduce_logprob,
-    rollout,
-    sample_train_timesteps,
-    step_logprob,
-)
+from vipo_jax.rl.rollout import rollout
 from vipo_jax.rl.schedule import sigma_schedule
 from vipo_jax.rl.sde import (
     ode_step,
@@ -40,6 +33,7 @@ from vipo_jax.rl.sde import (
     transition_logprob,
     x0_prediction,
 )
+from vipo_jax.rl.timesteps import gather_transitions, initial_noise, num_train_timesteps, sample_train_timesteps
 
 __all__ = [
     "AGGREGATIONS", "LOGPROB_REDUCTIONS", "MAP_TARGETS", "SIGN_RULES", "PSMOptions",

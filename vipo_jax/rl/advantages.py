@@ -1,7 +1,7 @@
 """Group-relative advantages (SPEC 1.2) and the "map applied to reward" ablation (SPEC 1.4).
 
 Batches are prompt-major: sample ``b`` belongs to group ``b // group_size`` (see
-:func:`vipo_jax.rl.rollout.initial_noise`). Statistics use the unbiased std (ddof=1) as torch's
+:func:`vipo_jax.rl.timesteps.initial_noise`). Statistics use the unbiased std (ddof=1) as torch's
 ``.std()`` in DanceGRPO/ViPO, and ``eps`` is added to the std (not under the square root).
 """
 

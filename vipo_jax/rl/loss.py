@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.rl.rollout import reduce_logprob
+from vipo_jax.rl.logprob import reduce_logprob
 
 MAP_TARGETS = ("advantage", "reward")
 

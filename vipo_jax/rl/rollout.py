@@ -1,4 +1,4 @@
-"""Rollout of the SDE sampler as one ``jax.lax.scan``, and the RNG helpers of the GRPO recipe.
+"""Rollout of the SDE sampler as one ``jax.lax.scan``.
 
 The model is a plain callable ``velocity_fn(x, sigma, cond) -> v``: ``x`` is float32 in the model's
 own latent layout (batch first, any trailing shape), ``sigma`` is a ``(B,)`` float32 vector (the
@@ -7,34 +7,14 @@ wrapper converts to the model's timestep convention, e.g. ``sigma*1000``), ``con
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from vipo_jax.errors import ConfigError
+from vipo_jax.rl.logprob import VelocityFn, reduce_logprob
 from vipo_jax.rl.sde import sde_step, transition_logprob, x0_prediction
-
-VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
-
-LOGPROB_REDUCTIONS = ("position_sum", "sample_mean")
-
-
-def reduce_logprob(logp: jax.Array, reduction: str | None) -> jax.Array:
-    """Reduce element-wise log-probs ``(B, *P, C)`` (channels last).
-
-    ``position_sum``: sum over channels -> ``(B, *P)``, one likelihood per latent position (the
-    paper's per-position ratio). ``sample_mean``: mean over every non-batch element -> ``(B,)``, as
-    DanceGRPO's ``log_prob.mean(dim=tuple(range(1, ndim)))``. ``None`` keeps it element-wise."""
-    logp = jnp.asarray(logp, jnp.float32)
-    if reduction is None:
-        return logp
-    if reduction == "position_sum":
-        return jnp.sum(logp, axis=-1)
-    if reduction == "sample_mean":
-        return jnp.mean(logp, axis=tuple(range(1, logp.ndim)))
-    raise ConfigError(f"logprob_reduction must be one of {LOGPROB_REDUCTIONS} or None, got {reduction!r}")
 
 
 def rollout(velocity_fn: VelocityFn, x_init: jax.Array, cond: Any, sigmas: jax.Array,
@@ -97,68 +77,3 @@ def rollout(velocity_fn: VelocityFn, x_init: jax.Array, cond: Any, sigmas: jax.A
     if return_noise:
         result["noise"] = outs[2]
     return result
-
-
-def step_logprob(velocity_fn: VelocityFn, x: jax.Array, x_next: jax.Array, sigma: jax.Array,
-                 sigma_next: jax.Array, eta: jax.Array | float, cond: Any, *,
-                 logprob_reduction: str | None = None) -> jax.Array:
-    """Log-prob of observed transitions under the current policy (the training recomputation).
-
-    ``sigma``/``sigma_next`` are ``(B,)`` (each sample may be at a different trained step); same
-    expression as in :func:`rollout`, so before any update the ratio is exactly 1."""
-    x = jnp.asarray(x, jnp.float32)
-    batch = x.shape[0]
-    sb = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
-    snb = jnp.broadcast_to(jnp.asarray(sigma_next, jnp.float32), (batch,))
-    eb = jnp.broadcast_to(jnp.asarray(eta, jnp.float32), (batch,))
-    v = jnp.asarray(velocity_fn(x, sb, cond), jnp.float32)
-    return reduce_logprob(transition_logprob(x, v, x_next, sb, snb, eb), logprob_reduction)
-
-
-def gather_transitions(latents: jax.Array, log_probs: jax.Array, sigmas: jax.Array,
-                       timesteps: jax.Array) -> dict[str, jax.Array]:
-    """Pick each sample's trained transitions from a rollout, K-major for a scan over K.
-
-    ``latents`` (S+1, B, ...), ``log_probs`` (S, B, ...), ``timesteps`` (B, K) int. Returns
-    ``x``, ``x_next`` (K, B, ...), ``log_probs`` (K, B, ...), ``sigma``, ``sigma_next`` (K, B)."""
-    t = jnp.asarray(timesteps, jnp.int32).T  # (K, B)
-    b = jnp.arange(t.shape[1])[None, :]
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    return {
-        "x": latents[t, b],
-        "x_next": latents[t + 1, b],
-        "log_probs": log_probs[t, b],
-        "sigma": sigmas[t],
-        "sigma_next": sigmas[t + 1],
-    }
-
-
-def initial_noise(key: jax.Array, num_prompts: int, group_size: int,
-                  shape: tuple[int, ...]) -> jax.Array:
-    """``(num_prompts*group_size, *shape)`` float32 noise shared within each group.
-
-    Prompt-major: sample ``b`` belongs to group ``b // group_size``; all G samples of a prompt start
-    from the same noise (``init_same_noise``), so their reward differences come from the SDE
-    noise only, which lowers the variance of the group-relative advantage."""
-    noise = jax.random.normal(key, (int(num_prompts), *tuple(shape)), jnp.float32)
-    return jnp.repeat(noise, int(group_size), axis=0)
-
-
-def num_train_timesteps(num_steps: int, fraction: float) -> int:
-    """``int((S-1)*fraction)``, the number of trained transitions per sample (Python arithmetic,
-    as in DanceGRPO: 8 steps, 0.6 -> 4; 16 steps -> 9)."""
-    k = int((int(num_steps) - 1) * float(fraction))
-    if k < 1 or k > int(num_steps) - 1:
-        raise ConfigError(
-            f"timestep_fraction={fraction} with {num_steps} sampling steps trains {k} of the "
-            f"{int(num_steps) - 1} trainable transitions; need between 1 and {int(num_steps) - 1}")
-    return k
-
-
-def sample_train_timesteps(key: jax.Array, batch: int, num_steps: int, fraction: float) -> jax.Array:
-    """``(B, K)`` int32: for each sample independently, K distinct transitions among the first
-    ``S-1`` (the last, sigma->0, is never trained), in random order (a per-sample random
-    permutation truncated to K, as DanceGRPO's ``randperm(S-1)[:K]``)."""
-    k = num_train_timesteps(num_steps, fraction)
-    u = jax.random.uniform(key, (int(batch), int(num_steps) - 1))
-    return jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)

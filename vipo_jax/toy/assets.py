@@ -57,10 +57,9 @@ def load(name: str, root: str | os.PathLike | None = None, **overrides):
     raise ValueError(f"unknown toy model {name!r}")
 
 
-def encode_prompts(prompts: list[str], root: str | os.PathLike | None = None, t5=None, clip=None) -> dict:
+def encode_conditioning(prompts: list[str], root: str | os.PathLike | None = None, t5=None, clip=None) -> dict:
     """Per-prompt conditioning as the Flux pipeline builds it: T5 hidden states (no mask, like
-    FluxPipeline) and the CLIP text tower's pooled output; also the CLIP token ids (for the toy CLIP
-    reward)."""
+    FluxPipeline) and the CLIP text tower's pooled output, float32 numpy arrays."""
     from vipo_jax.text.tokenizers import load_tokenizer, tokenize
     from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH, T5_MAX_LENGTH
 
@@ -71,5 +70,14 @@ def encode_prompts(prompts: list[str], root: str | os.PathLike | None = None, t5
     t5_ids, _ = tokenize(load_tokenizer(root / "tokenizer_2"), prompts, T5_MAX_LENGTH)
     t5_emb = jax.jit(lambda ids: t5(ids))(jnp.asarray(t5_ids))
     pooled = jax.jit(lambda ids: clip.text_model(ids)[1])(jnp.asarray(clip_ids))
-    return {"t5": np.asarray(t5_emb, np.float32), "pooled": np.asarray(pooled, np.float32),
-            "clip_ids": np.asarray(clip_ids, np.int32)}
+    return {"t5": np.asarray(t5_emb, np.float32), "pooled": np.asarray(pooled, np.float32)}
+
+
+def encode_prompts(prompts: list[str], root: str | os.PathLike | None = None, t5=None, clip=None) -> dict:
+    """:func:`encode_conditioning` plus the toy CLIP token ids of the prompts (``clip_ids``)."""
+    from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+    from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH
+
+    root = Path(root) if root else ASSETS
+    clip_ids, _ = tokenize(load_tokenizer(root / "tokenizer"), prompts, CLIP_MAX_LENGTH)
+    return {**encode_conditioning(prompts, root, t5, clip), "clip_ids": np.asarray(clip_ids, np.int32)}

@@ -224,3 +224,13 @@ def sample_dataset(n: int, seed: int = 0, split: str = "train", prompt_split: st
 def vocabulary() -> list[str]:
     """Every word of every caption, in a fixed order."""
     return ["a", "on", "background", *[str(d) for d in DIGITS], *COLOR_NAMES]
+
+
+def eval_combos(n: int) -> list[tuple[int, int, int]]:
+    """The ``n`` fixed evaluation prompts of a training run: half in-domain (spread over the train
+    combinations), half held-out (spread over the eval combinations), as (digit, fg, bg)."""
+    n_out = n // 2
+    n_in = n - n_out
+    train, held_out = prompt_combos("train"), prompt_combos("eval")
+    return (train[:: max(1, len(train) // max(1, n_in))][:n_in]
+            + held_out[:: max(1, len(held_out) // max(1, n_out))][:n_out])

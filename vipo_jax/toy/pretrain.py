@@ -237,10 +237,10 @@ def stage_classifier(data: Data, out: Path, scale: float, seed: int) -> dict:
 def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
     """Rectified-flow training of the Flux DiT on VAE latents, conditioned like FLUX.1-dev."""
     from vipo_jax.models.flux import FluxConfig, FluxTransformer
+    from vipo_jax.models.flux.velocity import flux_velocity
     from vipo_jax.models.vae.model import latents_to_model
     from vipo_jax.toy import assets
     from vipo_jax.weights.native import save_native
-    from vipo_jax.worlds.flux_policy import flux_velocity
 
     vae = assets.load("vae", out)
     cond = assets.encode_prompts(data.prompts, out)
@@ -276,13 +276,14 @@ def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
 def evaluate_base(out: Path, seed: int, n: int = 96) -> dict:
     """ODE samples of the base model (8 steps, shift 3, as the RL runs): is the digit readable,
     do the colours follow the prompt? Also writes ``base_samples.png`` into the transformer folder."""
+    from vipo_jax.models.flux.velocity import flux_velocity
     from vipo_jax.models.vae.model import decode_to_unit
+    from vipo_jax.rewards.pixels import redness
     from vipo_jax.rl import rollout, sigma_schedule
     from vipo_jax.toy import assets
     from vipo_jax.toy.digits import prompt_combos, prompt_set
-    from vipo_jax.toy.rewards import color_match, redness
-    from vipo_jax.training.logging import image_grid, save_png
-    from vipo_jax.worlds.flux_policy import flux_velocity
+    from vipo_jax.toy.rewards import color_match
+    from vipo_jax.utils.media import image_grid, save_png
 
     model, vae, clf = assets.load("transformer", out), assets.load("vae", out), assets.load("classifier", out)
     prompts, combos = prompt_set("train"), prompt_combos("train")

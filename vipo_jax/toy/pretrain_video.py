@@ -141,10 +141,10 @@ def encode_captions(out: Path, prompts: list[str], negative: str = "") -> tuple[
 
 def stage_transformer(data: Clips, out: Path, steps: int, seed: int, dropout: float) -> dict:
     from vipo_jax.models.wan import WanConfig, WanTransformer
+    from vipo_jax.models.wan.velocity import wan_velocity
     from vipo_jax.models.wan_vae.model import latents_to_model
     from vipo_jax.toy.video_assets import load_video
     from vipo_jax.weights.native import save_native
-    from vipo_jax.worlds.wan_policy import wan_velocity
 
     vae = load_video("vae", out)
     text_all, neg = encode_captions(out, data.prompts)
@@ -182,14 +182,15 @@ def stage_transformer(data: Clips, out: Path, steps: int, seed: int, dropout: fl
 def evaluate_base(out: Path, seed: int, n: int = 64) -> dict:
     """Deterministic ODE samples of the base model (8 steps, shift 3, as the toy runs) at several
     CFG scales: per-frame digit accuracy, colour match, redness; a GIF of samples at guidance 5."""
+    from vipo_jax.models.wan.velocity import wan_velocity
     from vipo_jax.models.wan_vae.model import decode_to_unit
-    from vipo_jax.rewards.video import color_match_frames, digit_accuracy_frames, redness_video
+    from vipo_jax.rewards.pixels import redness_video
     from vipo_jax.rl import rollout, sigma_schedule
     from vipo_jax.toy import assets
     from vipo_jax.toy.digits import prompt_combos, prompt_set
+    from vipo_jax.toy.rewards import color_match_frames, digit_accuracy_frames
     from vipo_jax.toy.video_assets import load_video
-    from vipo_jax.training.logging import save_gif, video_grid
-    from vipo_jax.worlds.wan_policy import wan_velocity
+    from vipo_jax.utils.media import save_gif, video_grid
 
     model, vae, clf = load_video("transformer", out), load_video("vae", out), assets.load("classifier")
     prompts, combos = prompt_set("train"), prompt_combos("train")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vipo_jax.training.logging import image_grid
+from vipo_jax.utils.media import image_grid
 
 
 def save_preview(path: str | Path, n: int = 48, seed: int = 0, split: str = "train", cols: int = 8,

@@ -1,8 +1,10 @@
-"""Toy-world rewards and metrics over images in [0, 1], layout (B, H, W, 3), in jax.numpy.
+"""Toy-world rewards and metrics over images in [0, 1], layout (B, H, W, 3), in jax.numpy, and their
+entries in the reward registry (``vipo_jax.rewards.registry``; the pixel reward ``redness`` lives in
+``vipo_jax.rewards.pixels``):
 
-- `redness`: mean over pixels of R - (G + B) / 2, per image. Pure red scores 1, pure blue or green
-  -0.5, any grey 0. The RL reward of the toy experiments.
-- `color_match`: whether an image's dominant foreground / background colors are the prompted ones.
+- ``toy_clip`` (reward): cosine of the toy CLIP's image and caption features.
+- ``digit_accuracy`` (metric): 1 where the toy digit classifier reads the prompted digit.
+- ``color_match`` (metric): whether an image's dominant foreground / background colors are the prompted ones.
   Background color = per-channel median of the border pixels (a 4-pixel ring at 64x64; the
   digits keep a margin); foreground color = mean of the 10% of pixels farthest (Euclidean RGB)
   from that background color, i.e. the stroke interiors. Each is snapped to the nearest palette
@@ -11,23 +13,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from vipo_jax.toy.digits import PALETTE_RGB
+from vipo_jax.models.clip.model import l2_normalize
+from vipo_jax.rewards.clip_scores import preprocess as clip_preprocess
+from vipo_jax.rewards.frames import per_frame_scores
+from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
+from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+from vipo_jax.toy import assets
+from vipo_jax.toy.digits import PALETTE_RGB, parse_caption
+from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH
+from vipo_jax.toy.video import READOUT_SIZE
 
 #: Border ring width as a fraction of the image side (4 px at 64).
 BORDER_FRACTION = 1.0 / 16.0
 #: Fraction of pixels (farthest from the background color) averaged for the foreground color.
 FG_FRACTION = 0.10
-
-
-@jax.jit
-def redness(images01: jax.Array) -> jax.Array:
-    """(B, H, W, 3) -> (B,) mean of R - (G + B) / 2 (float32)."""
-    x = jnp.asarray(images01, jnp.float32)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    return jnp.mean(r - 0.5 * (g + b), axis=(-2, -1))
 
 
 def _nearest_palette(rgb: jax.Array) -> jax.Array:
@@ -63,3 +69,94 @@ def color_match(images01: jax.Array, fg_idx: jax.Array, bg_idx: jax.Array) -> ja
     fg_ok = (fg_hat == jnp.asarray(fg_idx)).astype(jnp.float32)
     bg_ok = (bg_hat == jnp.asarray(bg_idx)).astype(jnp.float32)
     return 0.5 * (fg_ok + bg_ok)
+
+
+# --- per frame (the video toy world reads each 32x32 frame at the image world's 64x64) ---------------
+def digit_accuracy_frames(classifier: Any, videos: jax.Array, digits: jax.Array, size: int = READOUT_SIZE) -> jax.Array:
+    """(B, T) 1 where the toy classifier reads the prompted digit in that frame (upsampled to
+    ``size``, the classifier's input size)."""
+    fn = lambda _, im, rows: (jnp.argmax(classifier(im), -1) == rows["d"]).astype(jnp.float32)  # noqa: E731
+    return per_frame_scores(fn, None, videos, {"d": jnp.asarray(digits)}, size=size)
+
+
+def color_match_frames(videos: jax.Array, fg: jax.Array, bg: jax.Array, size: int = READOUT_SIZE) -> jax.Array:
+    """(B, T) colour match (:func:`color_match`) of every frame."""
+    fn = lambda _, im, rows: color_match(im, rows["fg"], rows["bg"])  # noqa: E731
+    return per_frame_scores(fn, None, videos, {"fg": jnp.asarray(fg), "bg": jnp.asarray(bg)}, size=size)
+
+
+def toy_clip_score(clip: Any, images: jax.Array, clip_ids: jax.Array) -> jax.Array:
+    """(B,) cosine of the toy CLIP's normalised image and caption features."""
+    img = l2_normalize(clip.get_image_features(clip_preprocess(images, clip.cfg.vision_config.image_size)))
+    txt = l2_normalize(clip.get_text_features(clip_ids))
+    return jnp.sum(img * txt, axis=-1)
+
+
+def toy_clip_video(clip: Any, videos: jax.Array, clip_ids: jax.Array, size: int = READOUT_SIZE) -> jax.Array:
+    """Toy CLIP score averaged over frames, (B,); the caption features computed once per clip."""
+    txt = l2_normalize(clip.get_text_features(clip_ids))
+
+    def fn(_, im, rows):
+        img = l2_normalize(clip.get_image_features(clip_preprocess(im, clip.cfg.vision_config.image_size)))
+        return jnp.sum(img * rows["txt"], axis=-1)
+
+    return jnp.mean(per_frame_scores(fn, None, videos, {"txt": txt}, size=size), axis=1)
+
+
+# --- registry entries ----------------------------------------------------------------------------------
+def labels_of(texts: list[str]) -> dict[str, np.ndarray]:
+    """Per caption: (digit, foreground colour, background colour) palette indices, ``labels`` (N, 3)."""
+    return {"labels": np.asarray([parse_caption(t) for t in texts], np.int32).reshape(-1, 3)}
+
+
+_LABELS = {"labels": jax.ShapeDtypeStruct((3,), jnp.int32)}
+
+
+def _load_toy_clip(ctx: RewardContext) -> LoadedReward:
+    root = assets.assets_dir(ctx.toy_assets)
+    graphdef, params = nnx.split(assets.load("clip", root))
+    tok = load_tokenizer(root / "tokenizer")
+
+    def score(p, images, batch):
+        return toy_clip_score(nnx.merge(graphdef, p), images, batch["clip_ids"])
+
+    def video_score(p, videos, batch):
+        return toy_clip_video(nnx.merge(graphdef, p), videos, batch["clip_ids"])
+
+    return LoadedReward(score=score, params=params, video_score=video_score,
+                        prompt_inputs=lambda texts: {"clip_ids": tokenize(tok, texts, CLIP_MAX_LENGTH)[0]},
+                        input_specs={"clip_ids": jax.ShapeDtypeStruct((CLIP_MAX_LENGTH,), jnp.int32)})
+
+
+def _load_digit_accuracy(ctx: RewardContext) -> LoadedReward:
+    graphdef, params = nnx.split(assets.load("classifier", assets.assets_dir(ctx.toy_assets)))
+
+    def score(p, images, batch):
+        clf = nnx.merge(graphdef, p)
+        return (jnp.argmax(clf(images), -1) == batch["labels"][:, 0]).astype(jnp.float32)
+
+    def video_score(p, videos, batch):
+        return jnp.mean(digit_accuracy_frames(nnx.merge(graphdef, p), videos, batch["labels"][:, 0]), axis=1)
+
+    return LoadedReward(score=score, params=params, video_score=video_score, prompt_inputs=labels_of,
+                        input_specs=_LABELS)
+
+
+def _load_color_match(ctx: RewardContext) -> LoadedReward:
+    def score(p, images, batch):
+        return color_match(images, batch["labels"][:, 1], batch["labels"][:, 2])
+
+    def video_score(p, videos, batch):
+        return jnp.mean(color_match_frames(videos, batch["labels"][:, 1], batch["labels"][:, 2]), axis=1)
+
+    return LoadedReward(score=score, video_score=video_score, prompt_inputs=labels_of, input_specs=_LABELS)
+
+
+register(RewardEntry("toy_clip", _load_toy_clip, "toy CLIP: cosine of the toy CLIP's image and caption features",
+                     sources=("toy",), monitor=True))
+register(RewardEntry("digit_accuracy", _load_digit_accuracy,
+                     "1 where the toy digit classifier reads the prompted digit (the structure metric)",
+                     sources=("toy",), trainable=False, monitor=True))
+register(RewardEntry("color_match", _load_color_match,
+                     "half a point each for the prompted foreground and background colours",
+                     sources=("toy",), trainable=False))

@@ -2,9 +2,9 @@
 SIGTERM handling and the non-finite guard. Model-specific wiring lives in a ``World``
 (``vipo_jax.worlds``), so the same loop runs Flux and Wan, toy and real.
 
-LoRA and EMA (``config.lora``, ``config.train.ema_decay``; ``training.adapters``): with LoRA the
-train state's ``params`` are the adapters only and the base weights join the frozen tree; with EMA
-the state also holds ``ema``. The step is compiled ahead of time (``lower().compile()``) before the
+LoRA and EMA (``config.lora``, ``config.train.ema_decay``; ``training.lora``, ``training.ema``): with
+LoRA the train state's ``params`` are the adapters only and the base weights join the frozen tree;
+with EMA the state also holds ``ema``. The step is compiled ahead of time (``lower().compile()``) before the
 first iteration, with its compile time and per-device memory printed and kept in summary.json.
 
 Sharding: the loop builds the mesh (``config.mesh``) and rules (``config.sharding.rules``), places
@@ -27,27 +27,24 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from flax import nnx
 from tqdm.auto import tqdm
 
 from vipo_jax import sharding as shd
 from vipo_jax.errors import VipoError
-from vipo_jax.training import adapters
 from vipo_jax.training.checkpoint import RunCheckpointer
-from vipo_jax.training.logging import MetricsWriter, plot_curves, read_metrics, save_samples
-from vipo_jax.training.step import jit_train_step, make_sampler, make_train_step
+from vipo_jax.training.checks import check_config
+from vipo_jax.training.ema import as_params_dtype, ema_decay, init_ema
+from vipo_jax.training.lora import lora_config
+from vipo_jax.training.metrics_log import MetricsWriter, read_metrics
+from vipo_jax.training.optim import make_optimizer
+from vipo_jax.training.step import jit_train_step, make_sampler, train_step_for
+from vipo_jax.training.step_config import StepConfig
+from vipo_jax.utils.media import plot_curves, save_samples
+from vipo_jax.worlds import BASE_KEY, World, build_world
 
 
 class NonFiniteError(VipoError, RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
-
-
-def make_optimizer(c: mlc.ConfigDict) -> optax.GradientTransformation:
-    o = c.optim
-    return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
-    )
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, ema: bool = False) -> dict:
@@ -56,7 +53,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, 
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
     if ema:
-        state["ema"] = adapters.init_ema(params)
+        state["ema"] = init_ema(params)
     return state
 
 
@@ -71,7 +68,7 @@ def init_sharded_state(params: Any, optimizer: optax.GradientTransformation, see
     state = {"params": params,
              "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)}
     if ema:
-        state["ema"] = shd.place(adapters.init_ema(params), shardings["ema"])
+        state["ema"] = shd.place(init_ema(params), shardings["ema"])
     rest = {k: v for k, v in abstract.items() if k not in state}
     small = init_state({}, optimizer, seed)  # step, rng, counters: replicated scalars
     state.update(shd.place({k: small[k] for k in rest}, {k: shardings[k] for k in rest}))
@@ -108,24 +105,21 @@ class _Stop:
             signal.signal(sig, h)
 
 
-def train(c: mlc.ConfigDict, workdir: str | Path, world: Any = None, *, progress: bool = True,
+def train(c: mlc.ConfigDict, workdir: str | Path, world: World | None = None, *, progress: bool = True,
           mesh: jax.sharding.Mesh | None = None, compile_only: bool = False) -> dict:
     """Run (or resume) training in ``workdir``; returns a summary dict (also written to summary.json).
 
     The mesh comes from ``c.mesh`` unless ``mesh`` is given, the sharding rules from
-    ``c.sharding``. A ``world`` given by the caller may hold unplaced models: its policy and frozen
-    trees are placed here (``world.frozen`` is replaced by the placed tree; under LoRA a copy of the
-    world gets the adapters, the caller's policy is left as it was).
+    ``c.sharding``. A ``world`` given by the caller (built with ``build_world``) may hold unplaced
+    models: the loop places a copy of it (the caller's world is not changed, so tests reuse one).
 
     ``compile_only``: build the world and the state, compile the train step, report its compile time
     and per-device memory, and return that (nothing is written to ``workdir``, no step runs)."""
-    from vipo_jax.training.validate import validate
-
-    validate(c)
+    step_cfg = check_config(c, files=True)
     mesh = mesh or shd.make_mesh(c.get("mesh"))
     rules = shd.rules_from_config(c)
     with shd.activate(mesh, rules):
-        return _train(c, Path(workdir), world, progress, mesh, rules, compile_only)
+        return _train(c, step_cfg, Path(workdir), world, progress, mesh, rules, compile_only)
 
 
 GiB = 1024**3
@@ -202,35 +196,28 @@ def _num(tree: Any) -> int:
     return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
-def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: jax.sharding.Mesh,
-           rules: shd.Rules, compile_only: bool = False) -> dict:
-    from vipo_jax.worlds import build_world
-
+def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World | None, progress: bool,
+           mesh: jax.sharding.Mesh, rules: shd.Rules, compile_only: bool = False) -> dict:
     main = shd.is_main_process()
     if main and not compile_only:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
     world = world or build_world(c, sharding=shd.LogicalSharding(rules, mesh))
     optimizer = make_optimizer(c)
-    lora, decay = adapters.lora_config(c), adapters.ema_decay(c)
-    policy_params = None  # the trained params are the policy's full state
+    lora, decay = lora_config(c), ema_decay(c)
+    params = world.params  # the trained params: the policy's full state, or under LoRA its adapters
     if lora.enabled:
-        world, params, paths = adapters.attach_lora(world, c)
-        policy_params = adapters.policy_params
+        world, params, paths = world.with_lora(lora, c.seed)
         if main:
-            n, total = _num(params), _num(params) + _num(world.frozen[adapters.BASE_KEY])
+            n, total = _num(params), _num(params) + _num(world.frozen[BASE_KEY])
             print(f"LoRA rank {lora.rank} (scale {lora.scale:g}) on {len(paths)} layers: {n:,} trained "
                   f"parameters of {total:,} ({100 * n / total:.2f}%)")
-    else:
-        _, params = nnx.split(world.policy)
     state, state_sh = init_sharded_state(params, optimizer, c.seed, rules, mesh, ema=decay > 0)
     frozen_sh = shd.param_shardings(world.frozen, rules, mesh)
-    world.frozen = shd.place(world.frozen, frozen_sh)
-    step = make_train_step(world.step_config, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
-                           reward_fns=world.reward_fns, feature_fn=world.feature_fn,
-                           optimizer=optimizer, latent_shape=world.latent_shape,
-                           policy_params=policy_params, ema_decay=decay)
-    loader = world.prompt_loader(c)
+    world = world.placed(shd.place(world.frozen, frozen_sh))
+    step = train_step_for(world, step_cfg, optimizer, ema_decay=decay)
+    policy_params = world.full_params if lora.enabled else None
+    loader = world.prompt_loader(c.sampling.prompts_per_iter, c.seed)
 
     def next_batch():
         return shd.global_batch(world.batch(loader.next()), mesh, rules)
@@ -269,9 +256,9 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
 
     def eval_params(state: dict) -> Any:
         """The weights the evaluation grids and metrics show: the EMA (in the params' dtypes) or the params."""
-        return adapters.as_params_dtype(state["ema"], state["params"]) if use_ema else state["params"]
+        return as_params_dtype(state["ema"], state["params"]) if use_ema else state["params"]
 
-    eval_cond, eval_noise, eval_prompts = world.eval_inputs(c)
+    eval_cond, eval_noise, eval_prompts = world.eval_inputs()
     eval_cond, eval_noise = shd.place((eval_cond, eval_noise), jax.tree.map(lambda _: rep, (eval_cond, eval_noise)))
     writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if main else _NullWriter()
     if main:
@@ -279,13 +266,13 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
 
     def evaluate(it: int, params) -> dict:
         imgs = shd.fetch(sampler(params, world.frozen, eval_cond, eval_noise))
-        metrics = world.eval_metrics(imgs, eval_prompts)
+        metrics = world.eval_metrics(imgs)
         if main:
             np.save(workdir / "samples" / f"eval_{it:06d}.npy", imgs)
             base = workdir / "samples" / f"eval_{0:06d}.npy"
             row = [np.load(base)] if base.exists() and it > 0 else []
             save_samples(workdir / "samples" / f"eval_{it:06d}", np.concatenate(row + [imgs]), cols=len(imgs),
-                         scale=world.png_scale, fps=getattr(world, "fps", 8.0))  # .png, or .gif for videos
+                         scale=world.options.png_scale, fps=world.options.fps)  # .png, or .gif for videos
         return metrics
 
     def save(done: int) -> None:
@@ -342,7 +329,7 @@ def _train(c: mlc.ConfigDict, workdir: Path, world: Any, progress: bool, mesh: j
     summary["iterations"] = final
     if main:
         records = read_metrics(workdir / "metrics.jsonl")
-        rkeys = [f"reward/{n}" for n, _ in world.step_config.rewards]
+        rkeys = [f"reward/{n}" for n, _ in world.reward_weights]
         plot_curves(records, rkeys + ["loss", "map/mean"], workdir / "reward_curve.png", title=str(workdir.name))
         summary.update(_summarise(records, rkeys))
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))

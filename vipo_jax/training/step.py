@@ -19,8 +19,7 @@ stay exact.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -29,41 +28,10 @@ import optax
 
 from vipo_jax import rl
 from vipo_jax.sharding.rules import constrain, constrain_batch
-from vipo_jax.training.adapters import update_ema
+from vipo_jax.training.ema import update_ema
+from vipo_jax.training.step_config import StepConfig
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    num_steps: int
-    shift: float
-    eta: float
-    group_size: int
-    timestep_fraction: float = 0.6
-    num_updates: int = 1
-    micro_batch: int = 0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    logprob_reduction: str = "position_sum"
-    map_target: str = "advantage"
-    psm_enabled: bool = True
-    psm_num_components: int = 3
-    psm_sign_rule: str = "border"
-    psm_aggregation: str = "weighted"
-    psm_smooth_sigma: float = 1.0
-    psm_normalize_mean: bool = False
-    init_same_noise: bool = True
-    rewards: tuple[tuple[str, float], ...] = (("reward", 1.0),)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int((self.num_steps - 1) * self.timestep_fraction)
-
-    def psm_options(self) -> rl.PSMOptions:  # noqa: D102
-        return rl.PSMOptions(num_components=self.psm_num_components, sign_rule=self.psm_sign_rule,
-                             aggregation=self.psm_aggregation, smooth_sigma=self.psm_smooth_sigma,
-                             normalize_mean=self.psm_normalize_mean)
 
 
 def split_micro_batches(a: Array, n: int, axis: int = 0) -> Array:
@@ -101,42 +69,22 @@ def repeat_groups(tree: Any, group_size: int) -> Any:
     return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), tree)
 
 
-def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
-                    reward_fns: dict[str, Callable], feature_fn: Callable | None,
-                    optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...],
-                    policy_params: Callable[[Any, Any], Any] | None = None, ema_decay: float = 0.0):
-    """Build ``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
-
-    ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}`` (plus ``"ema"`` when
-    ``ema_decay > 0``); ``batch`` holds per-prompt conditioning ``batch["cond"]`` (a pytree with
-    leading axis P) and per-prompt reward inputs (the reward functions see them repeated per sample).
-    ``latent_shape`` is one sample's latent (H, W, C) (or (T, H, W, C) for video).
-
-    ``policy_params(trainable, frozen)``: the policy's full parameters that ``velocity_fn`` takes,
-    built from the trained ``state["params"]`` and the frozen tree (LoRA: adapters + frozen base
-    weights, ``training.adapters.policy_params``); only ``state["params"]`` is differentiated. None:
-    ``state["params"]`` is the policy's full state.
-
-    ``ema_decay > 0``: after the iteration's updates, ``state["ema"] <- d * ema + (1 - d) * params``
-    (skipped when every update of the iteration was skipped as non-finite).
-    """
+def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
+                           reward_fns: Mapping[str, Callable], feature_fn: Callable | None,
+                           latent_shape: tuple[int, ...]) -> Callable:
+    """``(policy_params, frozen, batch, k_noise, k_sde) -> rollout`` (no gradient): sample the group,
+    decode, score, build the PSM maps and the group advantages. Returns a dict of per-sample arrays:
+    ``cond`` (P*G rows), ``latents`` (S+1, B, *latent), ``old_logp`` (S, B, *latent), ``images``,
+    ``rewards`` {name: (B,)}, ``map`` (B, *positions) or None (GRPO), ``adv`` (R, B) or (R, B, *positions)."""
     G = cfg.group_size
-    S = cfg.num_steps
-    K = cfg.num_train_timesteps
-    sigmas = rl.sigma_schedule(S, cfg.shift)
+    sigmas = rl.sigma_schedule(cfg.num_steps, cfg.shift)
     names = tuple(n for n, _ in cfg.rewards)
-    coefs = jnp.asarray([c for _, c in cfg.rewards], jnp.float32)
     video = len(latent_shape) == 4
 
-    def step(state, frozen, batch):
-        params = state["params"]
-        full = (lambda p: p) if policy_params is None else (lambda p: policy_params(p, frozen))
-        rollout_params = full(params)
-        rng, k_noise, k_sde, k_ts = jax.random.split(state["rng"], 4)
+    def rollout_and_score(policy, frozen, batch, k_noise, k_sde):
         P = jax.tree.leaves(batch["cond"])[0].shape[0]
         B = P * G
-        chunk = B // cfg.num_updates
-        mb = cfg.micro_batch or chunk
+        mb = cfg.micro_batch or B // cfg.num_updates
         cond = constrain_batch(repeat_groups(batch["cond"], G))
 
         # --- rollout (no gradient), in micro-batches of the training shape --------------------
@@ -145,7 +93,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         else:
             x_init = jax.random.normal(k_noise, (B,) + tuple(latent_shape), jnp.float32)
         x_init = constrain_batch(x_init)
-        vel_mb = _chunked(lambda x, s, c: velocity_fn(rollout_params, x, s, c), B, mb)
+        vel_mb = _chunked(lambda x, s, c: velocity_fn(policy, x, s, c), B, mb)
         ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
         old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
@@ -154,12 +102,12 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         images = constrain_batch(decode_fn(frozen, constrain_batch(ro["x0"])))
         per_sample = constrain_batch(repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G))
         rewards = {name: fn(frozen, images, per_sample).astype(jnp.float32) for name, fn in reward_fns.items()}
-        if cfg.psm_enabled and feature_fn is not None:
+        if cfg.psm is not None and feature_fn is not None:
             feats = feature_fn(frozen, images)
             if video:
-                amap = rl.psm_map_video(feats, tuple(latent_shape[:3]), cfg.psm_options())
+                amap = rl.psm_map_video(feats, tuple(latent_shape[:3]), cfg.psm)
             else:
-                amap = rl.psm_map(feats, tuple(latent_shape[:2]), cfg.psm_options())
+                amap = rl.psm_map(feats, tuple(latent_shape[:2]), cfg.psm)
         else:
             amap = None  # plain GRPO: M = 1
 
@@ -169,10 +117,30 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             adv = jnp.stack([rl.pixel_rewards_to_advantages(rewards[n], m, G) for n in names])
         else:
             adv = jnp.stack([rl.group_advantages(rewards[n], G) for n in names])
+        return {"cond": cond, "latents": latents, "old_logp": old_logp, "images": images, "rewards": rewards,
+                "map": amap, "adv": adv}
 
-        # --- which transitions each sample trains -------------------------------------------------
-        ts = rl.sample_train_timesteps(k_ts, B, S, cfg.timestep_fraction)  # (B, K)
+    return rollout_and_score
 
+
+_AUX = ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev", "rollout_gap")
+
+
+def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """``(params, opt_state, nonfinite, full, rollout, timesteps) -> (params, opt_state, nonfinite,
+    per-update metrics)``: ``cfg.num_updates`` optimizer updates, each over its chunk of the samples,
+    with gradients accumulated over (trained timestep x micro-batch) by a scan. ``full(p)`` gives
+    the policy's full parameters from the trained ones (LoRA: adapters + frozen base). An update
+    with a non-finite loss or gradient is skipped (parameters and optimizer state kept)."""
+    sigmas = rl.sigma_schedule(cfg.num_steps, cfg.shift)
+    K = cfg.num_train_timesteps
+    coefs = jnp.asarray([c for _, c in cfg.rewards], jnp.float32)
+
+    def update(params, opt_state, nonfinite, full, ro, ts):
+        B = ts.shape[0]
+        chunk = B // cfg.num_updates
+        mb = cfg.micro_batch or chunk
+        amap = ro["map"]
         # Per-sample arrays as the J = B / mb micro-batches of the rollout, (J, mb, ...) with the mb
         # axis on the batch mesh axes: taking micro-batch j indexes an unsplit axis (no communication).
         n_j = B // mb
@@ -180,8 +148,9 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
         def by_mb(a, axis=0):
             return split_micro_batches(a, n_j, axis)
 
-        ts_j, cond_j, lat_j, old_j = by_mb(ts), jax.tree.map(by_mb, cond), by_mb(latents, 1), by_mb(old_logp, 1)
-        adv_j, amap_j = by_mb(adv, 1), None if amap is None else by_mb(amap)
+        ts_j, cond_j = by_mb(ts), jax.tree.map(by_mb, ro["cond"])
+        lat_j, old_j = by_mb(ro["latents"], 1), by_mb(ro["old_logp"], 1)
+        adv_j, amap_j = by_mb(ro["adv"], 1), None if amap is None else by_mb(amap)
 
         def at_t(a, t):
             """``a[t[i], i]`` for each sample i of a (T, mb, ...) micro-batch (a batch-parallel gather)."""
@@ -229,8 +198,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
                 return (g_sum, l_sum + loss, aux_acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, p)
-            aux0 = {k_: jnp.zeros((), jnp.float32)
-                    for k_ in ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev", "rollout_gap")}
+            aux0 = {k_: jnp.zeros((), jnp.float32) for k_ in _AUX}
             (g_sum, l_sum, aux_acc), _ = jax.lax.scan(
                 acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(n_items))
             grads = jax.tree.map(lambda g: g / n_items, g_sum)
@@ -247,24 +215,77 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
             return (p, opt_state, nonfinite), m
 
         (params, opt_state, nonfinite), ms = jax.lax.scan(
-            one_update, (params, state["opt_state"], state["nonfinite"]), jnp.arange(cfg.num_updates))
+            one_update, (params, opt_state, nonfinite), jnp.arange(cfg.num_updates))
+        return params, opt_state, nonfinite, ms
 
-        metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev", "rollout_gap")}
-        metrics["logp/rollout_gap"] = jnp.max(ms["rollout_gap"])
-        metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
-        metrics["updates_skipped"] = jnp.sum(ms["skipped"])
-        metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
-        for name, r in rewards.items():
-            metrics[f"reward/{name}"] = jnp.mean(r)
-            metrics[f"reward_std/{name}"] = jnp.std(r)
-        metrics["map/mean"] = jnp.mean(amap) if amap is not None else jnp.float32(1.0)
+    return update
+
+
+def step_metrics(ms: dict, ro: dict, nonfinite: jax.Array) -> dict:
+    """The iteration's metrics from the per-update metrics and the rollout."""
+    metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev", "rollout_gap")}
+    metrics["logp/rollout_gap"] = jnp.max(ms["rollout_gap"])
+    metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
+    metrics["updates_skipped"] = jnp.sum(ms["skipped"])
+    metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
+    for name, r in ro["rewards"].items():
+        metrics[f"reward/{name}"] = jnp.mean(r)
+        metrics[f"reward_std/{name}"] = jnp.std(r)
+    metrics["map/mean"] = jnp.mean(ro["map"]) if ro["map"] is not None else jnp.float32(1.0)
+    return metrics
+
+
+def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callable,
+                    reward_fns: Mapping[str, Callable], feature_fn: Callable | None,
+                    optimizer: optax.GradientTransformation, latent_shape: tuple[int, ...],
+                    policy_params: Callable[[Any, Any], Any] | None = None, ema_decay: float = 0.0):
+    """Build ``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``
+    (:func:`jit_train_step`). It reads top to bottom: split the RNG, roll out and score
+    (:func:`make_rollout_and_score`), pick the trained transitions, update the policy
+    (:func:`make_policy_update`), summarise.
+
+    ``state`` is ``{"params", "opt_state", "step", "rng", "nonfinite"}`` (plus ``"ema"`` when
+    ``ema_decay > 0``); ``batch`` holds per-prompt conditioning ``batch["cond"]`` (a pytree with
+    leading axis P) and per-prompt reward inputs (the reward functions see them repeated per sample).
+    ``latent_shape`` is one sample's latent (H, W, C) (or (T, H, W, C) for video).
+
+    ``policy_params(trainable, frozen)``: the policy's full parameters that ``velocity_fn`` takes,
+    built from the trained ``state["params"]`` and the frozen tree (LoRA: adapters + frozen base
+    weights, ``World.full_params``); only ``state["params"]`` is differentiated. None:
+    ``state["params"]`` is the policy's full state.
+
+    ``ema_decay > 0``: after the iteration's updates, ``state["ema"] <- d * ema + (1 - d) * params``
+    (skipped when every update of the iteration was skipped as non-finite).
+    """
+    rollout_and_score = make_rollout_and_score(cfg, velocity_fn=velocity_fn, decode_fn=decode_fn,
+                                               reward_fns=reward_fns, feature_fn=feature_fn,
+                                               latent_shape=latent_shape)
+    update = make_policy_update(cfg, velocity_fn=velocity_fn, optimizer=optimizer)
+
+    def step(state, frozen, batch):
+        full = (lambda p: p) if policy_params is None else (lambda p: policy_params(p, frozen))
+        rng, k_noise, k_sde, k_ts = jax.random.split(state["rng"], 4)
+        ro = rollout_and_score(full(state["params"]), frozen, batch, k_noise, k_sde)
+        B = ro["latents"].shape[1]
+        ts = rl.sample_train_timesteps(k_ts, B, cfg.num_steps, cfg.timestep_fraction)  # (B, K)
+        params, opt_state, nonfinite, ms = update(state["params"], state["opt_state"], state["nonfinite"], full,
+                                                  ro, ts)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": rng, "nonfinite": nonfinite}
         if ema_decay > 0:
             new_state["ema"] = update_ema(state["ema"], params, ema_decay, jnp.any(ms["skipped"] == 0))
-        return new_state, metrics
+        return new_state, step_metrics(ms, ro, nonfinite)
 
     return step
+
+
+def train_step_for(world: Any, cfg: StepConfig, optimizer: optax.GradientTransformation, *,
+                   ema_decay: float = 0.0) -> Callable:
+    """:func:`make_train_step` with a World's callables (LoRA-aware)."""
+    return make_train_step(cfg, velocity_fn=world.velocity_fn, decode_fn=world.decode_fn,
+                           reward_fns=world.rewards, feature_fn=world.feature_fn if world.has_backbone else None,
+                           optimizer=optimizer, latent_shape=tuple(world.latent_shape),
+                           policy_params=world.full_params if world.lora.enabled else None, ema_decay=ema_decay)
 
 
 def jit_train_step(step: Callable, *, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any,

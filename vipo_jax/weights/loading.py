@@ -100,6 +100,16 @@ def abstract_model(model_cls: Any, cfg: Any) -> nnx.Module:
         return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
 
 
+def init_model(model_cls: Any, cfg: Any, *, abstract: bool, seed: int = 0) -> nnx.Module:
+    """``model_cls(cfg)`` without a checkpoint: its shapes only (``abstract``, for planning memory and
+    FLOPs) or random weights (``seed``; for timing and memory benchmarks). Built outside any mesh,
+    like :func:`abstract_model`."""
+    if abstract:
+        return abstract_model(model_cls, cfg)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return model_cls(cfg, rngs=nnx.Rngs(seed))
+
+
 def load_into(abstract_model: nnx.Module, params: Mapping[str, Any], *, where: str = "checkpoint",
               sharding: ShardingFn | None = None) -> nnx.Module:
     """Fill an abstract model with ``params``; each leaf is cast to the model's dtype and placed

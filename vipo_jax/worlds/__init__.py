@@ -1,21 +1,14 @@
-"""Model-specific wiring of the training loop: the toy and real Flux and Wan worlds."""
+"""Worlds: a model family (``flux``, ``wan``) with weights from a source (toy assets, a pretrained
+folder, random weights or shapes only), wired into the pure callables the train step composes.
+``build_world(c, source=...)`` is the only constructor; importing this package registers the
+families and the toy world's rewards."""
 
-from __future__ import annotations
+from vipo_jax.toy import rewards as _toy_rewards  # noqa: F401  (registers the toy rewards)
+from vipo_jax.worlds import flux, wan
+from vipo_jax.worlds.build import SOURCES, build_world, check_world_config, source_of
+from vipo_jax.worlds.family import FAMILIES, Family, ToyModels, get_family, register_family
+from vipo_jax.worlds.world import BASE_KEY, EVAL_SEED, PromptTable, World, WorldOptions
 
-from typing import Any
-
-
-def build_world(c, sharding: Any = None) -> Any:
-    """The world of ``c.model.family``. ``sharding`` (a ``load_into`` sharding function such as
-    ``vipo_jax.sharding.LogicalSharding(rules, mesh)``) places big checkpoints as they load."""
-    if c.model.family == "flux":
-        from vipo_jax.worlds.flux import build_flux_world
-
-        return build_flux_world(c, sharding=sharding)
-    if c.model.family == "wan":
-        from vipo_jax.worlds.wan import build_wan_world
-
-        return build_wan_world(c, sharding=sharding)
-    from vipo_jax.errors import ConfigError
-
-    raise ConfigError(f"--config.model.family={c.model.family!r}: use 'flux' or 'wan'")
+__all__ = ["BASE_KEY", "EVAL_SEED", "FAMILIES", "SOURCES", "Family", "PromptTable", "ToyModels", "World",
+           "WorldOptions", "build_world", "check_world_config", "flux", "get_family", "register_family",
+           "source_of", "wan"]

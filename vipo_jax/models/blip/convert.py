@@ -26,7 +26,10 @@ import numpy as np
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.blip.config import BlipTextConfig, BlipVisionConfig, ImageRewardConfig
-from vipo_jax.weights.loading import SourceKeys, abstract_model, conv, linear
+from vipo_jax.models.blip.model import ImageRewardModel
+from vipo_jax.weights.loading import SourceKeys, abstract_model, abstract_params, conv, linear
+from vipo_jax.weights.safetensors_io import save_safetensors
+from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
 Params = dict[str, np.ndarray]
 
@@ -193,10 +196,6 @@ def convert_image_reward_checkpoint(src: str | os.PathLike, out_dir: str | os.Pa
     shape is checked before anything is written. Needs torch (to read the pickle). Returns
     ``out_dir``; :func:`vipo_jax.models.blip.load_image_reward` loads it."""
 
-    from vipo_jax.convert import load_torch_state_dict
-    from vipo_jax.models.blip.model import ImageRewardModel
-    from vipo_jax.weights.loading import abstract_params
-    from vipo_jax.weights.safetensors_io import save_safetensors
 
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

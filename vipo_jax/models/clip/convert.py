@@ -12,13 +12,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vipo_jax.errors import CheckpointError
-from vipo_jax.models.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from vipo_jax.weights.loading import SourceKeys, conv, linear
+from vipo_jax.models.clip.config import (
+    OPEN_CLIP_CONFIGS,
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    config_from_open_clip,
+)
+from vipo_jax.models.clip.model import CLIPModel
+from vipo_jax.weights.loading import SourceKeys, abstract_model, abstract_params, conv, linear
+from vipo_jax.weights.safetensors_io import save_safetensors
+from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
 Params = dict[str, np.ndarray]
 
@@ -173,3 +185,43 @@ def detect_layout(keys) -> str:
     if "visual.conv1.weight" in keys or "token_embedding.weight" in keys:
         return "open_clip"
     return "hf"
+
+
+def _open_clip_model_cfg(model: str | None, config: str | Path | Mapping | None) -> dict[str, Any]:
+    if config is not None:
+        if isinstance(config, Mapping):
+            return dict(config)
+        try:
+            return json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"unreadable open_clip model config {config}: {e}") from e
+    model = model or "ViT-H-14"
+    if model not in OPEN_CLIP_CONFIGS:
+        raise CheckpointError(f"unknown open_clip model {model!r}: known {sorted(OPEN_CLIP_CONFIGS)}; "
+                              "pass --config with the model's open_clip json")
+    return OPEN_CLIP_CONFIGS[model]
+
+
+def convert_open_clip_checkpoint(src: str | Path, dst: str | Path, *, model: str | None = None,
+                                 config: str | Path | Mapping | None = None) -> Path:
+    """Convert an open_clip ``.pt`` (e.g. HPS_v2.1_compressed.pt) to ``dst`` (.safetensors) plus
+    ``dst.with_suffix(".json")`` (our CLIPConfig). ``model``: a name in
+    ``vipo_jax.models.clip.OPEN_CLIP_CONFIGS``; ``config``: an open_clip model config (dict or
+    json path). Returns the path of the written config."""
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"--dst must end in .safetensors, got {dst}")
+    cfg = config_from_open_clip(_open_clip_model_cfg(model, config))
+    tensors = load_torch_state_dict(src)
+    # Validate before writing: every key used, every shape right.
+    params = convert_open_clip(tensors, cfg, where=str(src))
+    want = abstract_params(abstract_model(CLIPModel, cfg))
+    for name, spec in want.items():
+        if tuple(np.shape(params[name])) != tuple(spec.shape):
+            raise CheckpointError(f"shape mismatch for {name} from {src}: checkpoint has "
+                                  f"{tuple(np.shape(params[name]))}, config expects {tuple(spec.shape)}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dst, tensors, metadata={"format": "open_clip", "source": src.name})
+    cfg_path = dst.with_suffix(".json")
+    cfg_path.write_text(json.dumps({**cfg.to_dict(), "layout": "open_clip"}, indent=2) + "\n")
+    return cfg_path

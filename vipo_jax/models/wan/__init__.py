@@ -5,6 +5,7 @@ Latents are channels-last ``(B, F, H, W, C)``, like the Wan VAE port; see ``tran
 from vipo_jax.models.wan.config import PRESETS, WanConfig, preset
 from vipo_jax.models.wan.convert import convert_diffusers, load_wan_transformer
 from vipo_jax.models.wan.transformer import WanTransformer
+from vipo_jax.models.wan.velocity import wan_velocity
 
 __all__ = [
     "PRESETS",
@@ -13,4 +14,5 @@ __all__ = [
     "convert_diffusers",
     "load_wan_transformer",
     "preset",
+    "wan_velocity",
 ]

@@ -12,6 +12,15 @@ from vipo_jax.models.config_io import normalize_runtime, pick_fields, read_confi
 
 CLASS_NAME = "WanTransformer3DModel"
 
+#: Wan's default negative prompt (Wan2.1 ``sample_neg_prompt``), the one the ViPO Wan script trains
+#: with. diffusers' WanPipeline uses "" when none is given and shows an English rendering of this one
+#: in its example.
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig:

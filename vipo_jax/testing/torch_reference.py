@@ -1,6 +1,7 @@
 """One ViPO iteration in PyTorch, organised like the reference scripts (DanceGRPO's
 ``train_grpo_flux.py`` and the official ViPO release built on it): the reference against which
-``benchmarks/vs_pytorch.py`` checks and times our jitted step.
+:mod:`vipo_jax.testing.parity` (``tests/test_vs_pytorch.py``, ``benchmarks/vs_pytorch.py``) checks
+and times our jitted step. For the tests and benchmarks only.
 
 The organisation is the point, so it is kept: a Python loop over samples (batch 1) and over
 sampling steps under ``no_grad``, DanceGRPO's ``flux_step`` (SDE step and its element-wise
@@ -25,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class TorchConfig:
-    """The RL hyper-parameters of one iteration (the names of ``vipo_jax.training.step.StepConfig``)."""
+    """The RL hyper-parameters of one iteration (the names of ``vipo_jax.training.step_config.StepConfig``)."""
 
     num_steps: int
     shift: float
@@ -54,6 +56,32 @@ class TorchConfig:
     @property
     def num_train_timesteps(self) -> int:
         return int((self.num_steps - 1) * self.timestep_fraction)
+
+    @classmethod
+    def from_step(cls, step: Any, *, guidance: float | None, grad_clip: float) -> TorchConfig:
+        """The settings of a ``vipo_jax.training.step_config.StepConfig`` (``guidance``: the world's
+        ``options.guidance``; ``grad_clip``: ``config.optim.grad_clip``). Raises ValueError for what
+        this reference does not implement (several updates, rewards other than redness, PSM variants
+        other than the paper's border sign rule and weighted aggregation)."""
+        psm = step.psm
+        unsupported = []
+        if step.num_updates != 1:
+            unsupported.append(f"num_updates={step.num_updates}")
+        if step.map_target != "advantage":
+            unsupported.append(f"map_target={step.map_target!r}")
+        if not step.init_same_noise:
+            unsupported.append("init_same_noise=False")
+        if [name for name, _ in step.rewards] != ["redness"]:
+            unsupported.append(f"rewards={step.rewards} (only redness)")
+        if psm is not None and (psm.sign_rule, psm.aggregation, psm.normalize_mean) != ("border", "weighted", False):
+            unsupported.append(f"psm={psm}")
+        if unsupported:
+            raise ValueError("the PyTorch reference iteration does not implement " + ", ".join(unsupported))
+        return cls(num_steps=step.num_steps, shift=step.shift, eta=step.eta, group_size=step.group_size,
+                   timestep_fraction=step.timestep_fraction, clip_range=step.clip_range,
+                   adv_clip_max=step.adv_clip_max, logprob_reduction=step.logprob_reduction,
+                   psm_enabled=psm is not None, psm_num_components=psm.num_components if psm else 3,
+                   psm_smooth_sigma=psm.smooth_sigma if psm else 1.0, guidance=guidance, grad_clip=grad_clip)
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""The train step's settings as one validated value: sampling (steps, shift, noise), which
+transitions are trained, the clipped objective's switches, the PSM's options and the rewards.
+
+``StepConfig.from_config(c)`` reads them from a run config; every check names the option as it is
+spelled on the command line (``--config.sampling.num_steps``) and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections as mlc
+
+from vipo_jax import rl
+from vipo_jax.errors import ConfigError
+from vipo_jax.rewards import reward_weights
+
+#: StepConfig field -> its config key, for messages.
+KEYS = {
+    "num_steps": "sampling.num_steps", "shift": "sampling.shift", "eta": "sampling.eta",
+    "group_size": "sampling.group_size", "timestep_fraction": "train.timestep_fraction",
+    "num_updates": "train.num_updates", "micro_batch": "train.micro_batch", "clip_range": "train.clip_range",
+    "adv_clip_max": "train.adv_clip_max", "logprob_reduction": "train.logprob_reduction",
+    "map_target": "train.map_target", "init_same_noise": "sampling.init_same_noise",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """``psm``: the PSM's options, or ``None`` for plain GRPO (every position weighted 1, the
+    DanceGRPO baseline). ``rewards``: ``((name, coefficient), ...)``, one advantage each."""
+
+    num_steps: int
+    shift: float
+    eta: float
+    group_size: int
+    timestep_fraction: float = 0.6
+    num_updates: int = 1
+    micro_batch: int = 0
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    logprob_reduction: str = "position_sum"
+    map_target: str = "advantage"
+    psm: rl.PSMOptions | None = dataclasses.field(default_factory=rl.PSMOptions)
+    init_same_noise: bool = True
+    rewards: tuple[tuple[str, float], ...] = (("reward", 1.0),)
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ConfigError:
+            return ConfigError(f"--config.{KEYS[field]}={getattr(self, field)!r} {why}")
+
+        if int(self.num_steps) < 2:
+            raise bad("num_steps", "must be >= 2 (the last step is never trained)")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise bad("shift", "must be a finite number > 0")
+        if not (math.isfinite(self.eta) and self.eta > 0):
+            raise bad("eta", "must be > 0: with eta=0 the sampler is deterministic and has no log-probability "
+                             "to train")
+        if int(self.group_size) < 2:
+            raise bad("group_size", "must be >= 2: GRPO needs at least 2 generations per prompt for a "
+                                    "group-relative advantage")
+        if not 0 < self.timestep_fraction <= 1:
+            raise bad("timestep_fraction", "must be in (0, 1]")
+        if self.num_train_timesteps < 1:
+            raise ConfigError(f"--config.train.timestep_fraction={self.timestep_fraction} x (num_steps-1="
+                              f"{self.num_steps - 1}) trains no timestep: raise one of them")
+        if int(self.num_updates) < 1:
+            raise bad("num_updates", "must be >= 1")
+        if int(self.micro_batch) < 0:
+            raise bad("micro_batch", "must be >= 0 (0: all samples of an update at once)")
+        for f in ("clip_range", "adv_clip_max"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v > 0):
+                raise bad(f, "must be a finite number > 0")
+        if self.logprob_reduction not in rl.LOGPROB_REDUCTIONS:
+            raise bad("logprob_reduction", f"is not one of {', '.join(rl.LOGPROB_REDUCTIONS)}")
+        if self.map_target not in rl.MAP_TARGETS:
+            raise bad("map_target", f"is not one of {', '.join(rl.MAP_TARGETS)}")
+        if not self.rewards:
+            raise ConfigError("--config.rewards.names is empty: name at least one reward")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int((self.num_steps - 1) * self.timestep_fraction)
+
+    @property
+    def psm_enabled(self) -> bool:
+        return self.psm is not None
+
+    def check_batch(self, num_prompts: int) -> None:
+        """That an iteration of ``num_prompts`` prompts splits into the configured updates and
+        micro-batches."""
+        batch = int(num_prompts) * int(self.group_size)
+        if batch % self.num_updates:
+            raise ConfigError(f"--config.train.num_updates={self.num_updates} must divide the iteration's {batch} "
+                              "samples (prompts_per_iter x group_size)")
+        chunk = batch // self.num_updates
+        if self.micro_batch and chunk % self.micro_batch:
+            raise ConfigError(f"--config.train.micro_batch={self.micro_batch} must divide the {chunk} samples of "
+                              "one update")
+
+    @classmethod
+    def from_config(cls, c: mlc.ConfigDict) -> StepConfig:
+        s, t, p = c.sampling, c.train, c.psm
+        if int(s.prompts_per_iter) < 1:
+            raise ConfigError(f"--config.sampling.prompts_per_iter={s.prompts_per_iter} must be >= 1")
+        psm = None
+        if bool(p.enabled):
+            psm = psm_options(p)
+        cfg = cls(num_steps=int(s.num_steps), shift=float(s.shift), eta=float(s.eta), group_size=int(s.group_size),
+                  timestep_fraction=float(t.timestep_fraction), num_updates=int(t.num_updates),
+                  micro_batch=int(t.micro_batch), clip_range=float(t.clip_range), adv_clip_max=float(t.adv_clip_max),
+                  logprob_reduction=str(t.logprob_reduction), map_target=str(t.map_target), psm=psm,
+                  init_same_noise=bool(s.init_same_noise), rewards=reward_weights(c))
+        cfg.check_batch(int(s.prompts_per_iter))
+        return cfg
+
+
+def psm_options(p: mlc.ConfigDict) -> rl.PSMOptions:
+    """``config.psm`` as :class:`~vipo_jax.rl.PSMOptions`, its errors naming the option."""
+    k = p.num_components
+    if not isinstance(k, int) or not 1 <= k <= 16:
+        raise ConfigError(f"--config.psm.num_components={k!r} must be an integer in 1..16")
+    for name, choices in (("sign_rule", rl.SIGN_RULES), ("aggregation", rl.AGGREGATIONS)):
+        if p[name] not in choices:
+            raise ConfigError(f"--config.psm.{name}={p[name]!r} is not one of {', '.join(choices)}")
+    if not (math.isfinite(p.smooth_sigma) and p.smooth_sigma >= 0):
+        raise ConfigError(f"--config.psm.smooth_sigma={p.smooth_sigma} must be >= 0 (0: no smoothing)")
+    return rl.PSMOptions.from_any(p)
