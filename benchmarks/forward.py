@@ -49,11 +49,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vipo_jax.models.clip import load_clip_text, load_clip_vision  # noqa: E402
-from vipo_jax.models.dinov2 import load_dinov2  # noqa: E402
-from vipo_jax.models.flux import latent_image_ids, load_flux_transformer, pack_latents, text_ids  # noqa: E402
-from vipo_jax.models.t5 import load_t5_encoder  # noqa: E402
-from vipo_jax.models.vae import load_vae  # noqa: E402
+from vipo_jax.models.clip import from_pretrained as load_clip  # noqa: E402
+from vipo_jax.models.dinov2 import from_pretrained as load_dinov2  # noqa: E402
+from vipo_jax.models.flux import from_pretrained as load_flux_transformer  # noqa: E402
+from vipo_jax.models.flux import latent_image_ids, pack_latents, text_ids  # noqa: E402
+from vipo_jax.models.t5 import from_pretrained as load_t5_encoder  # noqa: E402
+from vipo_jax.models.vae import from_pretrained as load_vae  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -289,7 +290,7 @@ def case_clip_text(size: str, tmp: Path) -> list[Case]:
     ref = tf.CLIPTextModel(tf.CLIPTextConfig(**arch)).eval()
     perturb_norms(ref, 4)
     ref.save_pretrained(tmp / "clip_text")
-    ours = load_clip_text(tmp / "clip_text")
+    ours = load_clip(tmp / "clip_text", component="text")
 
     b, n = shp["batch"], shp["length"]
     rng = np.random.default_rng(0)
@@ -320,7 +321,7 @@ def case_clip_vision(size: str, tmp: Path) -> list[Case]:
     ref = tf.CLIPVisionModel(tf.CLIPVisionConfig(**arch)).eval()
     perturb_norms(ref, 5)
     ref.save_pretrained(tmp / "clip_vision")
-    ours = load_clip_vision(tmp / "clip_vision")
+    ours = load_clip(tmp / "clip_vision", component="vision")
 
     b, s = shp["batch"], arch["image_size"]
     px = np.random.default_rng(0).standard_normal((b, s, s, 3)).astype(np.float32)

@@ -19,13 +19,8 @@ from flax import nnx
 from tests.utils import assert_close, import_open_clip
 from vipo_jax.convert import main as convert_main
 from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.models.clip import (
-    OPEN_CLIP_CONFIGS,
-    CLIPConfig,
-    config_from_open_clip,
-    load_clip,
-    load_clip_text,
-)
+from vipo_jax.models.clip import OPEN_CLIP_CONFIGS, CLIPConfig, config_from_open_clip
+from vipo_jax.models.clip import from_pretrained as load_clip
 from vipo_jax.models.clip.convert import convert_open_clip_checkpoint
 from vipo_jax.rewards.clip_scores import (
     OPENAI_CLIP_MEAN,
@@ -192,7 +187,7 @@ def test_hf_features_and_logits(ours_hf, hf_reference, text_inputs, pixels):
 
 @pytest.mark.torch
 def test_load_clip_text_v5_layout(hf, hf_reference, text_inputs):
-    model = load_clip_text(hf[1] / "text")
+    model = load_clip(hf[1] / "text", component="text")
     hidden, pooled = _run(_text, model, *text_inputs)
     ERRORS["text-only hidden"] = assert_close(hidden, hf_reference["hidden"], what="last_hidden_state")
     assert_close(pooled, hf_reference["pooled"], what="pooled_output")
@@ -218,7 +213,7 @@ def test_text_legacy_eos_and_prefix(torch, tmp_path):
     with torch.no_grad():
         r = ref.text_model(input_ids=torch.from_numpy(ids))
     assert not np.allclose(r.pooler_output[0].numpy(), r.last_hidden_state[0, 1].numpy())
-    model = load_clip_text(tmp_path)
+    model = load_clip(tmp_path, component="text")
     assert model.cfg.pooling_rule == "argmax"
     hidden, pooled = _run(_text, model, ids, None)
     ERRORS["legacy text hidden"] = assert_close(hidden, r.last_hidden_state.numpy(), what="hidden")
@@ -365,7 +360,7 @@ def test_missing_config(hf, tmp_path):
     (tmp_path / "t").mkdir()
     shutil.copy(hf[1] / "text" / "model.safetensors", tmp_path / "t" / "model.safetensors")
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_clip_text(tmp_path / "t")
+        load_clip(tmp_path / "t", component="text")
     with pytest.raises(CheckpointError, match="no CLIP config"):
         load_clip(tmp_path / "t")
 

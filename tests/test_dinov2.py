@@ -17,14 +17,8 @@ from flax import nnx
 
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError
-from vipo_jax.models.dinov2 import (
-    Dinov2Config,
-    load_dinov2,
-    patch_tokens,
-    preprocess,
-    preset,
-    resize_bicubic_torch,
-)
+from vipo_jax.models.dinov2 import Dinov2Config, patch_tokens, preprocess, preset, resize_bicubic_torch
+from vipo_jax.models.dinov2 import from_pretrained as load_dinov2
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 pytestmark = pytest.mark.torch

@@ -23,19 +23,14 @@ import safetensors.torch
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError
-from vipo_jax.models.flux import (
-    FluxConfig,
-    FluxTransformer,
-    convert_bfl,
-    latent_image_ids,
-    load_flux_transformer,
-    text_ids,
-)
+from vipo_jax.models.flux import FluxConfig, FluxTransformer, convert_bfl, latent_image_ids, text_ids
 from vipo_jax.models.flux import convert_diffusers as flux_from_diffusers
 from vipo_jax.models.flux import export as flux_export
-from vipo_jax.models.wan import WanConfig, WanTransformer, load_wan_transformer
+from vipo_jax.models.flux import from_pretrained as load_flux_transformer
+from vipo_jax.models.wan import WanConfig, WanTransformer
 from vipo_jax.models.wan import convert_diffusers as wan_from_diffusers
 from vipo_jax.models.wan import export as wan_export
+from vipo_jax.models.wan import from_pretrained as load_wan_transformer
 from vipo_jax.nn.lora import LoraConfig, add_lora
 from vipo_jax.weights.safetensors_io import SafetensorsFile, open_checkpoint
 

@@ -18,14 +18,8 @@ from flax import nnx
 
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError
-from vipo_jax.models.flux import (
-    FluxConfig,
-    latent_image_ids,
-    load_flux_transformer,
-    pack_latents,
-    text_ids,
-    unpack_latents,
-)
+from vipo_jax.models.flux import FluxConfig, latent_image_ids, pack_latents, text_ids, unpack_latents
+from vipo_jax.models.flux import from_pretrained as load_flux_transformer
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 pytestmark = pytest.mark.torch

@@ -46,8 +46,8 @@ from vipo_jax.models.blip import (
     ImageRewardConfig,
     ImageRewardModel,
     convert_image_reward_checkpoint,
-    load_image_reward,
 )
+from vipo_jax.models.blip import from_pretrained as load_image_reward
 from vipo_jax.models.blip.convert import head_source_indices
 from vipo_jax.rewards.image_reward import (
     BLIP_MEAN,

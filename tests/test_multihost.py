@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sharding import TOL, compare_runs, subprocess_env
+from tests.test_sharding import TOL_FIRST, compare_runs, subprocess_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +60,10 @@ def test_two_processes_match_one_process(tmp_path):
 
     (multi / f"ref_{NAME}.npz").write_bytes((ref / f"{NAME}.npz").read_bytes())
     (multi / f"ref_{NAME}.json").write_text((ref / f"{NAME}.json").read_text())
-    p_err, m_err = compare_runs(multi, f"ref_{NAME}", NAME)
-    print(f"2 processes x 4 devices vs 1 x 8: params {p_err:.2e}, metrics {m_err:.2e} (relative)")
-    assert p_err <= TOL and m_err <= TOL, (p_err, m_err)
+    p_err, m_err, p_tol = compare_runs(multi, f"ref_{NAME}", NAME)
+    print(f"2 processes x 4 devices vs 1 x 8: first-iteration metrics {m_err:.2e} (bound {TOL_FIRST:.1e}), "
+          f"params after 3 iterations {p_err:.2e} (bound {p_tol:.1e}), relative")
+    assert m_err <= TOL_FIRST and p_err <= p_tol, (p_err, m_err, p_tol)
 
     info = json.loads((multi / f"{NAME}.json").read_text())
     kernel = "['l_up']['kernel'].value"

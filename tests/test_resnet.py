@@ -16,15 +16,8 @@ from flax import nnx
 
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.models.resnet import (
-    ResNetConfig,
-    ResNetModel,
-    feature_grid,
-    load_resnet,
-    preprocess,
-    preset,
-    stage_features,
-)
+from vipo_jax.models.resnet import ResNetConfig, ResNetModel, feature_grid, preprocess, preset, stage_features
+from vipo_jax.models.resnet import from_pretrained as load_resnet
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 pytestmark = pytest.mark.torch

@@ -23,11 +23,11 @@ from vipo_jax.models.sam import (
     SamVisionEncoder,
     feature_grid,
     image_embeddings,
-    load_sam,
     preprocess,
     preprocess_size,
     preset,
 )
+from vipo_jax.models.sam import from_pretrained as load_sam
 from vipo_jax.models.sam.model import _repeating_unit, window_partition, window_unpartition
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 

@@ -16,7 +16,8 @@ from flax import nnx
 
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.models.t5 import T5Config, T5Encoder, load_t5_encoder
+from vipo_jax.models.t5 import T5Config, T5Encoder
+from vipo_jax.models.t5 import from_pretrained as load_t5_encoder
 from vipo_jax.models.t5.model import relative_position_buckets
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
 

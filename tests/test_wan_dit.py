@@ -18,7 +18,8 @@ from flax import nnx
 
 from tests.utils import assert_close
 from vipo_jax.errors import CheckpointError, ConfigError
-from vipo_jax.models.wan import PRESETS, WanConfig, WanTransformer, load_wan_transformer, preset
+from vipo_jax.models.wan import PRESETS, WanConfig, WanTransformer, preset
+from vipo_jax.models.wan import from_pretrained as load_wan_transformer
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 pytestmark = pytest.mark.torch

@@ -23,9 +23,9 @@ from vipo_jax.models.wan_vae import (
     convert_diffusers,
     decode_to_unit,
     latents_to_model,
-    load_wan_vae,
     model_to_latents,
 )
+from vipo_jax.models.wan_vae import from_pretrained as load_wan_vae
 from vipo_jax.weights.loading import abstract_params
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 

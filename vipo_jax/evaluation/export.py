@@ -22,6 +22,8 @@ from flax import nnx
 from vipo_jax.errors import CheckpointError
 from vipo_jax.evaluation.checkpoints import CheckpointSpec
 from vipo_jax.evaluation.run import checkpoint_params
+from vipo_jax.models.flux import FluxConfig, FluxTransformer
+from vipo_jax.models.wan import WanConfig, WanTransformer
 from vipo_jax.training.lora import lora_config
 from vipo_jax.training.run_dir import run_config
 from vipo_jax.weights.loading import ShardingFn
@@ -85,12 +87,8 @@ def load_exported(out: str | Path, **overrides: Any) -> nnx.Module:
     kind = json.loads((folder / "config.json").read_text()).get("vipo_kind") if (folder / "config.json").is_file() \
         else None
     if kind == "flux":
-        from vipo_jax.models.flux import FluxConfig, FluxTransformer
-
         return load_native(folder, "flux", FluxConfig, FluxTransformer, **overrides)
     if kind == "wan":
-        from vipo_jax.models.wan import WanConfig, WanTransformer
-
         return load_native(folder, "wan", WanConfig, WanTransformer, **overrides)
     raise CheckpointError(f"{folder}: not an exported vipo_jax policy (config.json with vipo_kind flux or wan)")
 

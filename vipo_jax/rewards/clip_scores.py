@@ -36,9 +36,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError
+from vipo_jax.models.clip import from_pretrained as load_clip
+from vipo_jax.models.clip.config import OPEN_CLIP_CONFIGS, config_from_open_clip
 from vipo_jax.models.clip.model import CLIPModel, l2_normalize
 from vipo_jax.rewards.frames import per_frame_scores
 from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
+from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+from vipo_jax.weights.loading import init_model
 
 Array = jax.Array
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -242,11 +246,6 @@ def _clip_reward_check(name: str):
 
 def _clip_reward_loader(name: str, kind: str):
     def load(ctx: RewardContext) -> LoadedReward:
-        from vipo_jax.models.clip.config import OPEN_CLIP_CONFIGS, config_from_open_clip
-        from vipo_jax.models.clip.loading import load_clip
-        from vipo_jax.text.tokenizers import load_tokenizer, tokenize
-        from vipo_jax.weights.loading import init_model
-
         c = ctx.config
         if ctx.source in ("abstract", "random"):
             cfg = config_from_open_clip(OPEN_CLIP_CONFIGS[ABSTRACT_MODELS[name]], dtype=ctx.dtype)

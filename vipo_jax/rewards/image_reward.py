@@ -31,12 +31,13 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError, DataError
+from vipo_jax.models.blip import from_pretrained as load_image_reward
 from vipo_jax.models.blip.config import IMAGE_REWARD_MEAN, IMAGE_REWARD_STD
-from vipo_jax.models.blip.loading import load_image_reward
 from vipo_jax.models.blip.model import ImageRewardModel
 from vipo_jax.rewards.clip_scores import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vipo_jax.rewards.clip_scores import preprocess as _clip_preprocess
 from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
+from vipo_jax.text.tokenizers import tokenize
 
 BLIP_MEAN = OPENAI_CLIP_MEAN
 BLIP_STD = OPENAI_CLIP_STD
@@ -147,8 +148,6 @@ class ImageRewardScorer:
         reference."""
         if self.tokenizer is None:
             raise DataError("this ImageRewardScorer has no tokenizer; pass one, or use score_tokens")
-        from vipo_jax.text.tokenizers import tokenize
-
         return tokenize(self.tokenizer, prompts, self.max_length)
 
     def score_tokens(self, images01: jax.Array, input_ids: jax.Array,

@@ -56,13 +56,15 @@ from flax import nnx
 
 from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.models.dinov2.model import resize_bicubic_torch
-from vipo_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vipo_jax.models.qwen2_vl.config import Qwen2VLConfig, preset
 from vipo_jax.models.qwen2_vl.convert import convert_hf
 from vipo_jax.models.qwen2_vl.loading import open_weights, runtime_overrides
 from vipo_jax.models.qwen2_vl.model import Qwen2VLModel
 from vipo_jax.nn.annotate import linear_init
+from vipo_jax.text.tokenizers import load_tokenizer
 from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, linear, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
+from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
 __all__ = [
     "DIMENSIONS",
@@ -406,8 +408,6 @@ def abstract_videoalign(*, settings: VideoAlignSettings = RELEASE_SETTINGS, para
     """``(graphdef, abstract params)`` of the released VideoAlign (Qwen2-VL-2B, vocabulary resized to
     151660, ``settings.output_dim`` head), built with ``nnx.eval_shape``: no files, no memory. With
     :func:`make_score_fn` it gives the planner the reward's shapes and FLOPs."""
-    from vipo_jax.models.qwen2_vl.config import preset
-
     qwen = preset("qwen2-vl-2b", param_dtype=param_dtype, dtype=dtype, text_config={"vocab_size": vocab_size},
                   **overrides)
     cfg = VideoAlignConfig(qwen=qwen, output_dim=settings.output_dim)
@@ -679,8 +679,6 @@ def convert_videoalign_checkpoint(path: str | os.PathLike) -> list[Path]:
     ``model.pth`` -> ``model.safetensors``, ``non_lora_state_dict.pth`` ->
     ``non_lora_state_dict.safetensors``. ``path``: a ``checkpoint-N`` folder, the VideoAlign folder
     (every ``checkpoint-*`` in it), or one ``.pth`` file. Needs torch. Returns the files written."""
-    from vipo_jax.weights.torch_pickle import load_torch_state_dict
-
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -704,8 +702,6 @@ def convert_videoalign_checkpoint(path: str | os.PathLike) -> list[Path]:
 # Tokenizer and scorer
 # --------------------------------------------------------------------------------------------------
 def _load_tokenizer(tokenizer: Any, ckpt: Path, folder: Path, base_dir: Path) -> Any:
-    from vipo_jax.text.tokenizers import load_tokenizer
-
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         return tokenizer
     if tokenizer is not None:

@@ -203,7 +203,7 @@ class LogicalSharding:
     """A ``load_into(..., sharding=...)`` function that places each parameter by its logical names.
 
     ``load_into`` calls :meth:`bind` with the abstract model it fills (the loaders build it
-    themselves), so ``load_flux_transformer(path, sharding=LogicalSharding(rules, mesh))`` loads
+    themselves), so ``flux.from_pretrained(path, sharding=LogicalSharding(rules, mesh))`` loads
     every leaf straight into its shard. Called as ``fn(dotted_name, ShapeDtypeStruct)``."""
 
     def __init__(self, rules: Rules, mesh: jax.sharding.Mesh, names: Mapping[str, tuple | None] | None = None):

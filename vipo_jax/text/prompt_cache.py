@@ -33,7 +33,9 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError, DataError
-from vipo_jax.text.tokenizers import CLIP_MAX_LENGTH, t5_max_length, tokenize
+from vipo_jax.models.clip import from_pretrained as load_clip
+from vipo_jax.models.t5 import from_pretrained as load_t5_encoder
+from vipo_jax.text.tokenizers import CLIP_MAX_LENGTH, load_flux_tokenizers, load_tokenizer, t5_max_length, tokenize
 from vipo_jax.weights.safetensors_io import SafetensorsFile, save_safetensors
 
 log = logging.getLogger(__name__)
@@ -166,13 +168,9 @@ class PromptEncoder:
                 raise DataError(f"max_sequence_length must be in 1..512 (as in FluxPipeline), "
                                 f"got {max_sequence_length}")
             max_len = int(max_sequence_length)
-        from vipo_jax.models.clip import load_clip_text
-        from vipo_jax.models.t5 import load_t5_encoder
-        from vipo_jax.text.tokenizers import load_flux_tokenizers
-
         clip_tok, t5_tok = load_flux_tokenizers(root)
         t5 = load_t5_encoder(root / "text_encoder_2", param_dtype=param_dtype, dtype=dtype)
-        clip = load_clip_text(root / "text_encoder", param_dtype=param_dtype, dtype=dtype)
+        clip = load_clip(root / "text_encoder", param_dtype=param_dtype, dtype=dtype, component="text")
         clip_len = min(CLIP_MAX_LENGTH, int(getattr(clip_tok, "model_max_length", CLIP_MAX_LENGTH)))
         return cls(t5, clip, t5_tok, clip_tok, t5_max_length=max_len, clip_max_length=clip_len,
                    batch_size=batch_size)
@@ -188,9 +186,6 @@ class PromptEncoder:
             raise DataError(f"Wan2.1 folder not found: {root}")
         if not 1 <= int(max_sequence_length) <= 512:
             raise DataError(f"max_sequence_length must be in 1..512 (WanPipeline uses 512), got {max_sequence_length}")
-        from vipo_jax.models.t5 import load_t5_encoder
-        from vipo_jax.text.tokenizers import load_tokenizer
-
         tok = load_tokenizer(root / "tokenizer")
         t5 = load_t5_encoder(root / "text_encoder", param_dtype=param_dtype, dtype=dtype)
         return cls(t5, None, tok, t5_max_length=int(max_sequence_length), batch_size=batch_size,

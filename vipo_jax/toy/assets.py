@@ -11,6 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from vipo_jax.errors import CheckpointError
+from vipo_jax.models.clip import CLIPModel
+from vipo_jax.models.clip.config import CLIPConfig
+from vipo_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from vipo_jax.models.flux import FluxConfig, FluxTransformer
+from vipo_jax.models.t5 import T5Config, T5Encoder
+from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+from vipo_jax.toy.classifier import DigitClassifier, DigitClassifierConfig
+from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH, T5_MAX_LENGTH
 from vipo_jax.weights.native import load_native
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -30,29 +39,16 @@ def load(name: str, root: str | os.PathLike | None = None, **overrides):
     root = Path(root) if root else ASSETS
     folder = root / name
     if name == "transformer":
-        from vipo_jax.models.flux import FluxConfig, FluxTransformer
-
         return load_native(folder, "flux", FluxConfig, FluxTransformer, **overrides)
     if name == "vae":
-        from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-
         return load_native(folder, "vae", AutoencoderKLConfig, AutoencoderKL, **overrides)
     if name == "text_encoder_2":
-        from vipo_jax.models.t5 import T5Config, T5Encoder
-
         return load_native(folder, "t5", T5Config, T5Encoder, **overrides)
     if name == "clip":
-        from vipo_jax.models.clip import CLIPModel
-        from vipo_jax.models.clip.config import CLIPConfig
-
         return load_native(folder, "clip", CLIPConfig, CLIPModel, **overrides)
     if name == "dinov2":
-        from vipo_jax.models.dinov2 import Dinov2Config, Dinov2Model
-
         return load_native(folder, "dinov2", Dinov2Config, Dinov2Model, **overrides)
     if name == "classifier":
-        from vipo_jax.toy.classifier import DigitClassifier, DigitClassifierConfig
-
         return load_native(folder, "digit_classifier", DigitClassifierConfig, DigitClassifier, **overrides)
     raise ValueError(f"unknown toy model {name!r}")
 
@@ -60,9 +56,6 @@ def load(name: str, root: str | os.PathLike | None = None, **overrides):
 def encode_conditioning(prompts: list[str], root: str | os.PathLike | None = None, t5=None, clip=None) -> dict:
     """Per-prompt conditioning as the Flux pipeline builds it: T5 hidden states (no mask, like
     FluxPipeline) and the CLIP text tower's pooled output, float32 numpy arrays."""
-    from vipo_jax.text.tokenizers import load_tokenizer, tokenize
-    from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH, T5_MAX_LENGTH
-
     root = Path(root) if root else ASSETS
     t5 = t5 or load("text_encoder_2", root)
     clip = clip or load("clip", root)
@@ -75,9 +68,6 @@ def encode_conditioning(prompts: list[str], root: str | os.PathLike | None = Non
 
 def encode_prompts(prompts: list[str], root: str | os.PathLike | None = None, t5=None, clip=None) -> dict:
     """:func:`encode_conditioning` plus the toy CLIP token ids of the prompts (``clip_ids``)."""
-    from vipo_jax.text.tokenizers import load_tokenizer, tokenize
-    from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH
-
     root = Path(root) if root else ASSETS
     clip_ids, _ = tokenize(load_tokenizer(root / "tokenizer"), prompts, CLIP_MAX_LENGTH)
     return {**encode_conditioning(prompts, root, t5, clip), "clip_ids": np.asarray(clip_ids, np.int32)}

@@ -25,8 +25,29 @@ from absl import app, flags
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vipo_jax.toy import sizes
+from vipo_jax.models.clip import CLIPModel
+from vipo_jax.models.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from vipo_jax.models.clip.model import l2_normalize
+from vipo_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from vipo_jax.models.dinov2.model import preprocess as dino_preprocess
+from vipo_jax.models.flux import FluxConfig, FluxTransformer
+from vipo_jax.models.flux.velocity import flux_velocity
+from vipo_jax.models.t5 import T5Config, T5Encoder
+from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from vipo_jax.models.vae.model import decode_to_unit, latents_to_model
+from vipo_jax.rewards.clip_scores import preprocess as clip_preprocess
+from vipo_jax.rewards.pixels import redness
+from vipo_jax.rl import rollout, sigma_schedule
+from vipo_jax.text.tokenizers import load_tokenizer, tokenize
+from vipo_jax.toy import assets, sizes
+from vipo_jax.toy.classifier import DigitClassifier, DigitClassifierConfig
+from vipo_jax.toy.digits import PALETTE_RGB, prompt_combos, prompt_set, sample_dataset
 from vipo_jax.toy.fit import fit, vae_loss
+from vipo_jax.toy.rewards import color_match
+from vipo_jax.toy.tokenizer import CLIP_BOS, CLIP_EOS, CLIP_MAX_LENGTH, T5_MAX_LENGTH, build_toy_tokenizers, clip_vocab
+from vipo_jax.utils.compile_cache import enable_compilation_cache
+from vipo_jax.utils.media import image_grid, save_png
+from vipo_jax.weights.native import save_native
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 STAGES = ("tokenizers", "t5", "vae", "clip", "dinov2", "classifier", "transformer")
@@ -52,8 +73,6 @@ class Data:
 
 
 def make_data(n: int, seed: int) -> Data:
-    from vipo_jax.toy.digits import PALETTE_RGB, prompt_set, sample_dataset
-
     d = sample_dataset(n, seed=seed, split="train")
     prompts = prompt_set(None)
     index = {p: i for i, p in enumerate(prompts)}
@@ -67,9 +86,6 @@ def make_data(n: int, seed: int) -> Data:
 
 
 def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:
-    from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-    from vipo_jax.weights.native import save_native
-
     cfg = AutoencoderKLConfig.from_dict(sizes.VAE)
     vae = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
@@ -93,16 +109,11 @@ def stage_vae(data: Data, out: Path, scale: float, seed: int) -> dict:
 
 
 def stage_tokenizers(out: Path) -> dict:
-    from vipo_jax.toy.tokenizer import build_toy_tokenizers
-
     build_toy_tokenizers(out)
     return {}
 
 
 def _tokenized(out: Path, prompts: list[str]):
-    from vipo_jax.text.tokenizers import load_tokenizer, tokenize
-    from vipo_jax.toy.tokenizer import CLIP_MAX_LENGTH, T5_MAX_LENGTH
-
     clip_ids, clip_mask = tokenize(load_tokenizer(out / "tokenizer"), prompts, CLIP_MAX_LENGTH)
     t5_ids, t5_mask = tokenize(load_tokenizer(out / "tokenizer_2"), prompts, T5_MAX_LENGTH)
     return clip_ids, clip_mask, t5_ids, t5_mask
@@ -111,9 +122,6 @@ def _tokenized(out: Path, prompts: list[str]):
 def stage_t5(out: Path, seed: int) -> dict:
     """A T5 encoder with random weights: frozen, like FLUX's pretrained T5, whose features the DiT
     learns to read; random token features still identify every word."""
-    from vipo_jax.models.t5 import T5Config, T5Encoder
-    from vipo_jax.weights.native import save_native
-
     cfg = T5Config.from_dict(sizes.T5)
     model = T5Encoder(cfg, rngs=nnx.Rngs(seed + 1))
     save_native(model, out / "text_encoder_2", cfg, kind="t5")
@@ -121,9 +129,6 @@ def stage_t5(out: Path, seed: int) -> dict:
 
 
 def toy_clip_config():
-    from vipo_jax.models.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-    from vipo_jax.toy.tokenizer import CLIP_BOS, CLIP_EOS, clip_vocab
-
     v = clip_vocab()
     text = CLIPTextConfig(**sizes.CLIP_TEXT, projection_dim=sizes.CLIP_PROJECTION, pad_token_id=v[CLIP_EOS],
                           bos_token_id=v[CLIP_BOS], eos_token_id=v[CLIP_EOS])
@@ -133,18 +138,13 @@ def toy_clip_config():
 
 def stage_clip(data: Data, out: Path, scale: float, seed: int) -> dict:
     """Contrastive image/caption training: the toy CLIP-score reward and Flux's pooled text encoder."""
-    from vipo_jax.models.clip import CLIPModel
-    from vipo_jax.models.clip.model import l2_normalize
-    from vipo_jax.rewards.clip_scores import preprocess
-    from vipo_jax.weights.native import save_native
-
     cfg = toy_clip_config()
     model = CLIPModel(cfg, rngs=nnx.Rngs(seed + 2))
     clip_ids, clip_mask, _, _ = _tokenized(out, data.prompts)
     rng = np.random.default_rng(seed + 2)
 
     def loss_fn(m, x, ids, cap):
-        img = l2_normalize(m.get_image_features(preprocess(x, sizes.IMAGE_SIZE)))
+        img = l2_normalize(m.get_image_features(clip_preprocess(x, sizes.IMAGE_SIZE)))
         txt = l2_normalize(m.get_text_features(ids))
         logits = jnp.exp(m.logit_scale[...]) * img @ txt.T
         same = (cap[:, None] == cap[None, :]).astype(jnp.float32)
@@ -160,11 +160,9 @@ def stage_clip(data: Data, out: Path, scale: float, seed: int) -> dict:
     losses = fit(model, loss_fn, batch, int(480 * scale), 2e-3, "clip", wd=1e-4)
     save_native(model, out / "clip", cfg, kind="clip")
     # retrieval accuracy of the caption among all prompts, on fresh eval-split images
-    from vipo_jax.toy.digits import sample_dataset
-
     ev = sample_dataset(256, seed=seed + 100, split="eval", prompt_split=None)
     txt = l2_normalize(jax.jit(lambda i: model.get_text_features(i))(jnp.asarray(clip_ids)))
-    img = l2_normalize(jax.jit(lambda x: model.get_image_features(preprocess(x, sizes.IMAGE_SIZE)))(ev.images))
+    img = l2_normalize(jax.jit(lambda x: model.get_image_features(clip_preprocess(x, sizes.IMAGE_SIZE)))(ev.images))
     pred = np.asarray(jnp.argmax(img @ txt.T, -1))
     truth = np.array([data.prompts.index(c) for c in ev.captions])
     return {"final_loss": float(np.mean(losses[-50:])), "eval_retrieval_top1": float(np.mean(pred == truth))}
@@ -174,8 +172,6 @@ class DinoPretrainer(nnx.Module):
     """DINOv2 backbone + two throw-away heads: CLS -> (digit, fg, bg), patch -> stroke coverage."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        from vipo_jax.models.dinov2 import Dinov2Model
-
         self.backbone = Dinov2Model(cfg, rngs=rngs)
         d = cfg.hidden_size
         self.cls_head = nnx.Linear(d, 10 + 9 + 9, rngs=rngs)
@@ -183,10 +179,6 @@ class DinoPretrainer(nnx.Module):
 
 
 def stage_dinov2(data: Data, out: Path, scale: float, seed: int) -> dict:
-    from vipo_jax.models.dinov2 import Dinov2Config
-    from vipo_jax.models.dinov2.model import preprocess
-    from vipo_jax.weights.native import save_native
-
     cfg = Dinov2Config.from_dict(sizes.DINO)
     m = DinoPretrainer(cfg, nnx.Rngs(seed + 3))
     rng = np.random.default_rng(seed + 3)
@@ -194,7 +186,7 @@ def stage_dinov2(data: Data, out: Path, scale: float, seed: int) -> dict:
     g = sizes.IMAGE_SIZE // p
 
     def loss_fn(m, x, labels, cover):
-        h = m.backbone(preprocess(x, sizes.IMAGE_SIZE, patch_size=p))
+        h = m.backbone(dino_preprocess(x, sizes.IMAGE_SIZE, patch_size=p))
         logits = m.cls_head(h[:, 0])
         ce = sum(optax.softmax_cross_entropy_with_integer_labels(logits[:, a:b], labels[:, j]).mean()
                  for j, (a, b) in enumerate(((0, 10), (10, 19), (19, 28))))
@@ -212,10 +204,6 @@ def stage_dinov2(data: Data, out: Path, scale: float, seed: int) -> dict:
 
 
 def stage_classifier(data: Data, out: Path, scale: float, seed: int) -> dict:
-    from vipo_jax.toy.classifier import DigitClassifier, DigitClassifierConfig
-    from vipo_jax.toy.digits import sample_dataset
-    from vipo_jax.weights.native import save_native
-
     cfg = DigitClassifierConfig()
     model = DigitClassifier(cfg, rngs=nnx.Rngs(seed + 4))
     rng = np.random.default_rng(seed + 4)
@@ -236,12 +224,6 @@ def stage_classifier(data: Data, out: Path, scale: float, seed: int) -> dict:
 
 def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
     """Rectified-flow training of the Flux DiT on VAE latents, conditioned like FLUX.1-dev."""
-    from vipo_jax.models.flux import FluxConfig, FluxTransformer
-    from vipo_jax.models.flux.velocity import flux_velocity
-    from vipo_jax.models.vae.model import latents_to_model
-    from vipo_jax.toy import assets
-    from vipo_jax.weights.native import save_native
-
     vae = assets.load("vae", out)
     cond = assets.encode_prompts(data.prompts, out)
     t5_all, pooled_all = jnp.asarray(cond["t5"]), jnp.asarray(cond["pooled"])
@@ -276,15 +258,6 @@ def stage_transformer(data: Data, out: Path, scale: float, seed: int) -> dict:
 def evaluate_base(out: Path, seed: int, n: int = 96) -> dict:
     """ODE samples of the base model (8 steps, shift 3, as the RL runs): is the digit readable,
     do the colours follow the prompt? Also writes ``base_samples.png`` into the transformer folder."""
-    from vipo_jax.models.flux.velocity import flux_velocity
-    from vipo_jax.models.vae.model import decode_to_unit
-    from vipo_jax.rewards.pixels import redness
-    from vipo_jax.rl import rollout, sigma_schedule
-    from vipo_jax.toy import assets
-    from vipo_jax.toy.digits import prompt_combos, prompt_set
-    from vipo_jax.toy.rewards import color_match
-    from vipo_jax.utils.media import image_grid, save_png
-
     model, vae, clf = assets.load("transformer", out), assets.load("vae", out), assets.load("classifier", out)
     prompts, combos = prompt_set("train"), prompt_combos("train")
     pick = np.random.default_rng(seed).choice(len(prompts), n, replace=False)
@@ -309,8 +282,6 @@ def evaluate_base(out: Path, seed: int, n: int = 96) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    from vipo_jax.utils.compile_cache import enable_compilation_cache
-
     enable_compilation_cache()
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,23 @@ from absl import app, flags
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vipo_jax.toy import sizes
+from vipo_jax.models.t5 import T5Config, T5Encoder
+from vipo_jax.models.wan import WanConfig, WanTransformer
+from vipo_jax.models.wan.velocity import wan_velocity
+from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig
+from vipo_jax.models.wan_vae.model import decode_to_unit, latents_to_model
+from vipo_jax.rewards.pixels import redness_video
+from vipo_jax.rl import rollout, sigma_schedule
+from vipo_jax.toy import assets, sizes
+from vipo_jax.toy.digits import prompt_combos, prompt_set
 from vipo_jax.toy.fit import fit, vae_loss
-from vipo_jax.toy.video_assets import VIDEO_ASSETS
+from vipo_jax.toy.rewards import color_match_frames, digit_accuracy_frames
+from vipo_jax.toy.tokenizer import make_t5_tokenizer
+from vipo_jax.toy.video import sample_clips
+from vipo_jax.toy.video_assets import VIDEO_ASSETS, load_video, prompt_encoder
+from vipo_jax.utils.compile_cache import enable_compilation_cache
+from vipo_jax.utils.media import save_gif, video_grid
+from vipo_jax.weights.native import save_native
 
 STAGES = ("text", "vae", "transformer")
 #: Sampling settings of the video toy runs (configs/wan.py:toy); the base model is measured with them.
@@ -68,9 +82,6 @@ class Clips:
 
 
 def make_clips(n: int, seed: int) -> Clips:
-    from vipo_jax.toy.digits import prompt_set
-    from vipo_jax.toy.video import sample_clips
-
     s = sample_clips(n, seed=seed, split="train")
     prompts = prompt_set(None)
     index = {p: i for i, p in enumerate(prompts)}
@@ -79,10 +90,6 @@ def make_clips(n: int, seed: int) -> Clips:
 
 
 def stage_text(out: Path, seed: int) -> dict:
-    from vipo_jax.models.t5 import T5Config, T5Encoder
-    from vipo_jax.toy.tokenizer import make_t5_tokenizer
-    from vipo_jax.weights.native import save_native
-
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -98,9 +105,6 @@ def stage_text(out: Path, seed: int) -> dict:
 
 
 def stage_vae(data: Clips, out: Path, steps: int, seed: int) -> dict:
-    from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig
-    from vipo_jax.weights.native import save_native
-
     cfg = WanVAEConfig.from_dict(sizes.WAN_VAE)
     vae = WanVAE(cfg, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
@@ -133,19 +137,11 @@ def stage_vae(data: Clips, out: Path, steps: int, seed: int) -> dict:
 
 def encode_captions(out: Path, prompts: list[str], negative: str = "") -> tuple[np.ndarray, np.ndarray]:
     """UMT5 states of every prompt (N, L, D) and of the negative prompt (L, D), WanPipeline-style."""
-    from vipo_jax.toy.video_assets import prompt_encoder
-
     enc = prompt_encoder(out)
     return enc.encode(prompts)[0], enc.encode([negative])[0][0]
 
 
 def stage_transformer(data: Clips, out: Path, steps: int, seed: int, dropout: float) -> dict:
-    from vipo_jax.models.wan import WanConfig, WanTransformer
-    from vipo_jax.models.wan.velocity import wan_velocity
-    from vipo_jax.models.wan_vae.model import latents_to_model
-    from vipo_jax.toy.video_assets import load_video
-    from vipo_jax.weights.native import save_native
-
     vae = load_video("vae", out)
     text_all, neg = encode_captions(out, data.prompts)
     text_all, neg = jnp.asarray(text_all), jnp.asarray(neg)
@@ -182,16 +178,6 @@ def stage_transformer(data: Clips, out: Path, steps: int, seed: int, dropout: fl
 def evaluate_base(out: Path, seed: int, n: int = 64) -> dict:
     """Deterministic ODE samples of the base model (8 steps, shift 3, as the toy runs) at several
     CFG scales: per-frame digit accuracy, colour match, redness; a GIF of samples at guidance 5."""
-    from vipo_jax.models.wan.velocity import wan_velocity
-    from vipo_jax.models.wan_vae.model import decode_to_unit
-    from vipo_jax.rewards.pixels import redness_video
-    from vipo_jax.rl import rollout, sigma_schedule
-    from vipo_jax.toy import assets
-    from vipo_jax.toy.digits import prompt_combos, prompt_set
-    from vipo_jax.toy.rewards import color_match_frames, digit_accuracy_frames
-    from vipo_jax.toy.video_assets import load_video
-    from vipo_jax.utils.media import save_gif, video_grid
-
     model, vae, clf = load_video("transformer", out), load_video("vae", out), assets.load("classifier")
     prompts, combos = prompt_set("train"), prompt_combos("train")
     pick = np.random.default_rng(seed).choice(len(prompts), n, replace=False)
@@ -224,8 +210,6 @@ def evaluate_base(out: Path, seed: int, n: int = 64) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    from vipo_jax.utils.compile_cache import enable_compilation_cache
-
     enable_compilation_cache()
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)

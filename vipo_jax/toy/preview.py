@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vipo_jax.toy.digits import sample_dataset
 from vipo_jax.utils.media import image_grid
 
 
@@ -17,7 +18,6 @@ def save_preview(path: str | Path, n: int = 48, seed: int = 0, split: str = "tra
     (row-major, one per line) next to it (`<path>.txt`, or `captions_path`). Returns the PNG path."""
     from PIL import Image
 
-    from vipo_jax.toy.digits import sample_dataset
 
     images, captions, _ = sample_dataset(n, seed=seed, split=split)
     path = Path(path)

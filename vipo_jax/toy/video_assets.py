@@ -11,6 +11,11 @@ import os
 from pathlib import Path
 
 from vipo_jax.errors import CheckpointError
+from vipo_jax.models.t5 import T5Config, T5Encoder
+from vipo_jax.models.wan import WanConfig, WanTransformer
+from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig
+from vipo_jax.text.prompt_cache import PromptEncoder
+from vipo_jax.text.tokenizers import load_tokenizer
 from vipo_jax.weights.native import load_native
 
 VIDEO_ASSETS = Path(__file__).resolve().parent / "assets" / "video"
@@ -33,16 +38,10 @@ def load_video(name: str, root: str | os.PathLike | None = None, **overrides):
     root = Path(root) if root else VIDEO_ASSETS
     folder = root / name
     if name == "transformer":
-        from vipo_jax.models.wan import WanConfig, WanTransformer
-
         return load_native(folder, "wan", WanConfig, WanTransformer, **overrides)
     if name == "vae":
-        from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig
-
         return load_native(folder, "wan_vae", WanVAEConfig, WanVAE, **overrides)
     if name == "text_encoder":
-        from vipo_jax.models.t5 import T5Config, T5Encoder
-
         return load_native(folder, "t5", T5Config, T5Encoder, **overrides)
     raise ValueError(f"unknown video toy model {name!r}")
 
@@ -50,9 +49,6 @@ def load_video(name: str, root: str | os.PathLike | None = None, **overrides):
 def prompt_encoder(root: str | os.PathLike | None = None, text_encoder=None):
     """A :class:`~vipo_jax.text.prompt_cache.PromptEncoder` encoding like WanPipeline (attention
     mask, zero vectors after each prompt), over the toy UMT5 and tokenizer."""
-    from vipo_jax.text.prompt_cache import PromptEncoder
-    from vipo_jax.text.tokenizers import load_tokenizer
-
     root = Path(root) if root else VIDEO_ASSETS
     t5 = text_encoder if text_encoder is not None else load_video("text_encoder", root)
     return PromptEncoder(t5, None, load_tokenizer(root / "tokenizer"), t5_max_length=TEXT_LENGTH, batch_size=64,

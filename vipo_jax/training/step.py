@@ -202,7 +202,7 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
             (g_sum, l_sum, aux_acc), _ = jax.lax.scan(
                 acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(n_items))
             grads = jax.tree.map(lambda g: g / n_items, g_sum)
-            gnorm = optax.global_norm(grads)
+            gnorm = optax.tree.norm(grads)
             finite = jnp.isfinite(gnorm) & jnp.isfinite(l_sum)
             updates, new_opt = optimizer.update(grads, opt_state, p)
             new_p = optax.apply_updates(p, updates)
@@ -226,6 +226,10 @@ def step_metrics(ms: dict, ro: dict, nonfinite: jax.Array) -> dict:
     metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev", "rollout_gap")}
     metrics["logp/rollout_gap"] = jnp.max(ms["rollout_gap"])
     metrics["ratio_dev_first_update"] = ms["ratio_dev"][0]
+    # the first update's loss and gradient come from the rollout's own parameters (no optimizer step
+    # has acted yet): where two runs of the same iteration on different meshes can first differ
+    metrics["loss_first_update"] = ms["loss"][0]
+    metrics["grad_norm_first_update"] = ms["grad_norm"][0]
     metrics["updates_skipped"] = jnp.sum(ms["skipped"])
     metrics["nonfinite_streak"] = nonfinite.astype(jnp.float32)
     for name, r in ro["rewards"].items():

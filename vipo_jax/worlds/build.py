@@ -278,5 +278,5 @@ def _shaped_tables(family: Family, c: mlc.ConfigDict, policy: nnx.Module, loaded
         return PromptTable(tuple(f"{what} prompt {i}" for i in range(n)), columns(cond_specs, n, salt),
                            columns(shared_specs, 1, salt + 1), columns(input_specs, n, salt + 2))
 
-    n_train = int(c.sampling.prompts_per_iter) * max(1, jax.process_count()) * 4
+    n_train = int(c.sampling.prompts_per_iter) * 4  # the same table on every host count
     return table(n_train, 1, "random"), table(int(c.log.num_eval_prompts), 5, "random eval")

@@ -11,9 +11,10 @@ the planner. Register a new one with :func:`register_family`.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import ml_collections as mlc
@@ -22,12 +23,25 @@ from flax import nnx
 from vipo_jax.errors import ConfigError
 from vipo_jax.nn.attention import available_attention
 from vipo_jax.nn.stack import REMAT_POLICIES
+from vipo_jax.text.prompt_cache import PromptEncoder
 
 DTYPES = ("float32", "bfloat16")
 
-if TYPE_CHECKING:  # annotations only
-    from vipo_jax.text.prompt_cache import PromptEncoder
-    from vipo_jax.worlds.world import WorldOptions
+
+@dataclasses.dataclass(frozen=True)
+class WorldOptions:
+    """Family settings the step's callables read: ``guidance`` (Flux: the embedded guidance value;
+    Wan: the true-CFG scale; ``None``: off), ``uncond_grad`` (Wan: gradient through the
+    unconditional half), ``frame_readout`` (video: frames resized to this square size for the PSM
+    backbone; ``None``: as decoded), ``frames_per_call`` (video: backbone frames per call, 0: all),
+    ``png_scale`` / ``fps`` (the evaluation grids)."""
+
+    guidance: float | None = None
+    uncond_grad: bool = False
+    frame_readout: int | None = None
+    frames_per_call: int = 0
+    png_scale: int = 1
+    fps: float = 8.0
 
 
 class ToyModels:

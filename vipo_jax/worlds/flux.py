@@ -19,14 +19,15 @@ import ml_collections as mlc
 from flax import nnx
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.models.flux import FluxConfig, FluxTransformer, flux_velocity, load_flux_transformer, preset
+from vipo_jax.models.flux import FluxConfig, FluxTransformer, flux_velocity, preset
+from vipo_jax.models.flux import from_pretrained as load_flux_transformer
 from vipo_jax.models.flux.flops import flux_forward_flops
-from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_to_unit, load_vae
+from vipo_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_to_unit
+from vipo_jax.models.vae import from_pretrained as load_vae
 from vipo_jax.text.prompt_cache import PromptEncoder
 from vipo_jax.toy import assets
 from vipo_jax.weights.loading import init_model
-from vipo_jax.worlds.family import Family, ToyModels, register_family
-from vipo_jax.worlds.world import WorldOptions
+from vipo_jax.worlds.family import Family, ToyModels, WorldOptions, register_family
 
 HELP = """\
 FLUX.1 weights not found{where}.
@@ -164,7 +165,7 @@ class FluxFamily(Family):
             g = jnp.full((1,), 3.5, jnp.float32) if guidance else None
             return flux_velocity(nnx.merge(gd, st), x, jnp.full((1,), 0.5), t5, pooled, g)
 
-        args = (state, jax.ShapeDtypeStruct((1, h, w, small.in_channels), jnp.float32),
+        args = (state, jax.ShapeDtypeStruct((1, h, w, small.in_channels // 4), jnp.float32),  # 2x2 packed tokens
                 jax.ShapeDtypeStruct((1, n_txt, small.joint_attention_dim), jnp.dtype(c.model.dtype)),
                 jax.ShapeDtypeStruct((1, small.pooled_projection_dim), jnp.float32))
         return flux_forward_flops(small, n_img, n_txt), one_pair, args

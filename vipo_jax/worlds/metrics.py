@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vipo_jax.sharding import fetch, place, replicated
+
 
 def eval_means(cache: dict, eval_fns: dict[str, Callable], frozen: Any, samples: np.ndarray,
                batch: dict) -> dict[str, float]:
     """Mean of every eval metric over host ``samples`` (images or videos): jitted once (kept in
     ``cache``), with the inputs replicated on the current mesh (``jax.set_mesh``), so it runs next
     to sharded frozen models on any host count."""
-    from vipo_jax.sharding import fetch, place, replicated
-
     args = (np.asarray(samples, np.float32), {k: np.asarray(v) for k, v in batch.items()})
     mesh = jax.sharding.get_mesh()
     if not mesh.empty:

@@ -21,18 +21,19 @@ import ml_collections as mlc
 from flax import nnx
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.models.wan import WanConfig, WanTransformer, load_wan_transformer, wan_velocity
+from vipo_jax.models.wan import WanConfig, WanTransformer, wan_velocity
+from vipo_jax.models.wan import from_pretrained as load_wan_transformer
 from vipo_jax.models.wan import preset as wan_preset
 from vipo_jax.models.wan.flops import wan_forward_flops
-from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig, decode_to_unit, load_wan_vae
+from vipo_jax.models.wan_vae import WanVAE, WanVAEConfig, decode_to_unit
+from vipo_jax.models.wan_vae import from_pretrained as load_wan_vae
 from vipo_jax.text.prompt_cache import PromptEncoder
 from vipo_jax.toy import assets
 from vipo_jax.toy.video import FRAME_SIZE, FRAMES, READOUT_SIZE
 from vipo_jax.toy.video_assets import load_video, prompt_encoder, video_assets_dir
 from vipo_jax.weights.loading import init_model
-from vipo_jax.worlds.family import Family, ToyModels, register_family
+from vipo_jax.worlds.family import Family, ToyModels, WorldOptions, register_family
 from vipo_jax.worlds.flux import arch_overrides
-from vipo_jax.worlds.world import WorldOptions
 
 VARIANT_NAMES = {"1.3b": "Wan2.1-T2V-1.3B", "14b": "Wan2.1-T2V-14B"}
 HELP = """\

@@ -26,7 +26,7 @@ from vipo_jax.data.prompts import PromptLoader
 from vipo_jax.errors import ConfigError
 from vipo_jax.nn.lora import LoraConfig, add_lora
 from vipo_jax.rewards.frames import map_frames, resize_frames
-from vipo_jax.worlds.family import Family
+from vipo_jax.worlds.family import Family, WorldOptions
 from vipo_jax.worlds.metrics import eval_means
 
 #: Seed of the fixed initial noise of the evaluation samples drawn during training.
@@ -67,22 +67,6 @@ class PromptTable:
 
         cond = {k: spec(v) for k, v in {**self.cond, **self.shared}.items()}
         return {"cond": cond, **{k: spec(v) for k, v in self.inputs.items()}}
-
-
-@dataclasses.dataclass(frozen=True)
-class WorldOptions:
-    """Family settings the step's callables read: ``guidance`` (Flux: the embedded guidance value;
-    Wan: the true-CFG scale; ``None``: off), ``uncond_grad`` (Wan: gradient through the
-    unconditional half), ``frame_readout`` (video: frames resized to this square size for the PSM
-    backbone; ``None``: as decoded), ``frames_per_call`` (video: backbone frames per call, 0: all),
-    ``png_scale`` / ``fps`` (the evaluation grids)."""
-
-    guidance: float | None = None
-    uncond_grad: bool = False
-    frame_readout: int | None = None
-    frames_per_call: int = 0
-    png_scale: int = 1
-    fps: float = 8.0
 
 
 class _Loader:

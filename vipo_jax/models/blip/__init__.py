@@ -14,12 +14,13 @@ from vipo_jax.models.blip.convert import (
     convert_image_reward,
     convert_image_reward_checkpoint,
 )
-from vipo_jax.models.blip.loading import load_image_reward
+from vipo_jax.models.blip.loading import from_pretrained
 from vipo_jax.models.blip.model import ImageRewardModel
 from vipo_jax.models.blip.text import BlipTextModel
 from vipo_jax.models.blip.vision import BlipVisionModel
 
 __all__ = [
+    "from_pretrained",
     "IMAGE_REWARD_MEAN",
     "IMAGE_REWARD_STD",
     "BlipTextConfig",
@@ -32,5 +33,4 @@ __all__ = [
     "convert_blip_vision",
     "convert_image_reward",
     "convert_image_reward_checkpoint",
-    "load_image_reward",
 ]

@@ -194,7 +194,7 @@ def convert_image_reward_checkpoint(src: str | os.PathLike, out_dir: str | os.Pa
     """``ImageReward.pt`` -> ``out_dir/model.safetensors`` (the used tensors, ImageReward's key names
     and dtypes unchanged) + ``out_dir/config.json`` (our :class:`ImageRewardConfig`). Every key and
     shape is checked before anything is written. Needs torch (to read the pickle). Returns
-    ``out_dir``; :func:`vipo_jax.models.blip.load_image_reward` loads it."""
+    ``out_dir``; :func:`vipo_jax.models.blip.from_pretrained` loads it."""
 
 
     src, out_dir = Path(src), Path(out_dir)

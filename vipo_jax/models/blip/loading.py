@@ -14,7 +14,7 @@ from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dty
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
-def load_image_reward(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+def from_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
                       sharding: ShardingFn | None = None, **overrides: Any) -> ImageRewardModel:
     """Load the folder ``python -m vipo_jax.convert image-reward ImageReward.pt FOLDER`` wrote
     (``config.json`` + ``model.safetensors``). ``overrides``: ImageRewardConfig fields such as

@@ -9,12 +9,13 @@ from vipo_jax.models.clip.config import (
     config_from_open_clip,
 )
 from vipo_jax.models.clip.convert import convert_hf, convert_open_clip
-from vipo_jax.models.clip.loading import load_clip, load_clip_text, load_clip_vision
+from vipo_jax.models.clip.loading import from_pretrained
 from vipo_jax.models.clip.model import CLIPModel, l2_normalize
 from vipo_jax.models.clip.text import CLIPTextModel
 from vipo_jax.models.clip.vision import CLIPVisionModel
 
 __all__ = [
+    "from_pretrained",
     "OPEN_CLIP_CONFIGS",
     "CLIPConfig",
     "CLIPModel",
@@ -26,7 +27,4 @@ __all__ = [
     "convert_hf",
     "convert_open_clip",
     "l2_normalize",
-    "load_clip",
-    "load_clip_text",
-    "load_clip_vision",
 ]

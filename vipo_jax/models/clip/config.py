@@ -186,8 +186,8 @@ class CLIPConfig:
         d = read_config_json(folder, what="transformers CLIP model folder")
         if "vision_cfg" not in d and "vision_config" not in d:
             raise CheckpointError(f"{folder}: config.json is not a full CLIP model config "
-                                  f"(model_type {d.get('model_type')!r}); use load_clip_text for a "
-                                  "text encoder")
+                                  f"(model_type {d.get('model_type')!r}); load a text encoder with "
+                                  "from_pretrained(folder, component='text')")
         return cls.from_dict(d, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -65,9 +65,9 @@ def _resolve_config(config: Any, path: Path, overrides: dict[str, Any]) -> CLIPC
                           "pass config= (a CLIPConfig, a dict, a json path or an open_clip model name)")
 
 
-def load_clip(path_or_file: str | os.PathLike, *, layout: str | None = None, config: Any = None,
-              param_dtype: Any = None, dtype: Any = None, sharding: ShardingFn | None = None,
-              **overrides: Any) -> CLIPModel:
+def _load_model(path_or_file: str | os.PathLike, *, layout: str | None = None, config: Any = None,
+                param_dtype: Any = None, dtype: Any = None, sharding: ShardingFn | None = None,
+                **overrides: Any) -> CLIPModel:
     """Load a full CLIP model.
 
     ``path_or_file``: a transformers ``CLIPModel`` folder (``config.json`` + ``model.safetensors``,
@@ -90,8 +90,8 @@ def load_clip(path_or_file: str | os.PathLike, *, layout: str | None = None, con
     return load_into(abstract, params, where=where, sharding=sharding)
 
 
-def load_clip_text(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
-                   sharding: ShardingFn | None = None, **overrides: Any) -> CLIPTextModel:
+def _load_text(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+               sharding: ShardingFn | None = None, **overrides: Any) -> CLIPTextModel:
     """Load a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folder (e.g. FLUX's
     ``text_encoder/``) as a :class:`CLIPTextModel`; ``overrides`` are CLIPTextConfig fields."""
     folder = Path(folder)
@@ -103,8 +103,8 @@ def load_clip_text(folder: str | os.PathLike, *, param_dtype: Any = None, dtype:
     return load_into(abstract, params, where=str(folder), sharding=sharding)
 
 
-def load_clip_vision(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
-                     sharding: ShardingFn | None = None, **overrides: Any) -> CLIPVisionModel:
+def _load_vision(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+                 sharding: ShardingFn | None = None, **overrides: Any) -> CLIPVisionModel:
     """Load a transformers ``CLIPVisionModel`` folder as a :class:`CLIPVisionModel`."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -113,3 +113,18 @@ def load_clip_vision(folder: str | os.PathLike, *, param_dtype: Any = None, dtyp
     params = convert_hf(_open_folder(folder), cfg, str(folder))
     abstract = abstract_model(CLIPVisionModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)
+
+
+COMPONENTS = ("model", "text", "vision")
+
+
+def from_pretrained(path: str | os.PathLike, *, component: str = "model", **kwargs: Any) -> Any:
+    """Load a CLIP checkpoint: ``component="model"`` the full :class:`CLIPModel` (a transformers
+    ``CLIPModel`` folder, or a ``.safetensors`` file with its config beside it: ``layout``,
+    ``config`` see :func:`_load_model`), ``"text"`` a :class:`CLIPTextModel` (e.g. FLUX's
+    ``text_encoder/``), ``"vision"`` a :class:`CLIPVisionModel`. ``kwargs``: ``param_dtype``,
+    ``dtype``, ``sharding`` and config overrides."""
+    loaders = {"model": _load_model, "text": _load_text, "vision": _load_vision}
+    if component not in loaders:
+        raise ConfigError(f"CLIP component must be one of {COMPONENTS}, got {component!r}")
+    return loaders[component](path, **kwargs)

@@ -1,7 +1,8 @@
 """DINOv2 (and DINOv2 with registers) ViT feature extractor in Flax NNX."""
 
 from vipo_jax.models.dinov2.config import PRESETS, Dinov2Config, preset
-from vipo_jax.models.dinov2.convert import convert_hf, from_pretrained, load_dinov2
+from vipo_jax.models.dinov2.convert import convert_hf
+from vipo_jax.models.dinov2.loading import from_pretrained
 from vipo_jax.models.dinov2.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,7 +20,6 @@ __all__ = [
     "Dinov2Model",
     "convert_hf",
     "from_pretrained",
-    "load_dinov2",
     "patch_tokens",
     "preprocess",
     "preset",

@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.dinov2.config import Dinov2Config
-from vipo_jax.models.dinov2.model import Dinov2Model
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, check_float_dtype, conv, linear, load_into
-from vipo_jax.weights.safetensors_io import open_checkpoint
+from vipo_jax.weights.loading import SourceKeys, conv, linear
 
 # heads of task models (Dinov2ForImageClassification, backbones) are stripped to the base model
 _PREFIXES = ("dinov2.", "dinov2_with_registers.", "model.")
@@ -109,22 +105,3 @@ def convert_hf(tensors: Mapping[str, np.ndarray] | SourceKeys, cfg: Dinov2Config
     out["layernorm.bias"] = take("layernorm.bias")
     src.check_all_used()
     return out
-
-
-def load_dinov2(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
-                sharding: ShardingFn | None = None, **overrides: Any) -> Dinov2Model:
-    """Load a transformers DINOv2 folder (``config.json`` + ``model.safetensors``), e.g. a
-    snapshot of facebook/dinov2-base or facebook/dinov2-with-registers-base."""
-    path = Path(path)
-    if param_dtype is not None:
-        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
-    cfg = Dinov2Config.from_pretrained(path, **overrides)
-    abstract = abstract_model(Dinov2Model, cfg)
-    tensors = _strip_prefix(open_checkpoint(path, stem="model"))
-    params = convert_hf(SourceKeys(tensors, where=str(path)), cfg)
-    return load_into(abstract, params, where=str(path), sharding=sharding)
-
-
-from_pretrained = load_dinov2

@@ -526,7 +526,7 @@ def save_diffusers(model: Any, folder: str | os.PathLike, *, dtype: Any = None, 
 
 def save_bfl(model: Any, path: str | os.PathLike, *, dtype: Any = None, cfg: FluxConfig | None = None) -> Path:
     """Write ``model`` as one BFL-layout ``.safetensors`` file (what ``flux1-dev.safetensors`` holds;
-    ComfyUI's diffusion-model loader, the BFL code and our ``load_flux_transformer`` read it). One file,
+    ComfyUI's diffusion-model loader, the BFL code and our ``vipo_jax.models.flux.from_pretrained`` read it). One file,
     never sharded (FLUX.1 is 23.8 GB in bfloat16, as the original). Streams tensor by tensor."""
     path = Path(path)
     tensors = to_bfl(model, cfg)

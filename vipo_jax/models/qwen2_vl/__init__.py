@@ -8,7 +8,7 @@ from vipo_jax.models.qwen2_vl.config import (
     preset,
 )
 from vipo_jax.models.qwen2_vl.convert import convert_hf, detect_layout, expected_shapes
-from vipo_jax.models.qwen2_vl.loading import from_pretrained, load_params, load_qwen2_vl
+from vipo_jax.models.qwen2_vl.loading import from_pretrained, load_params
 from vipo_jax.models.qwen2_vl.model import Qwen2VLModel, scatter_video
 from vipo_jax.models.qwen2_vl.text import Qwen2VLTextModel, mrope_position_ids
 from vipo_jax.models.qwen2_vl.vision import Qwen2VLVisionModel, patch_positions
@@ -26,7 +26,6 @@ __all__ = [
     "expected_shapes",
     "from_pretrained",
     "load_params",
-    "load_qwen2_vl",
     "mrope_position_ids",
     "patch_positions",
     "preset",

@@ -43,7 +43,7 @@ def load_params(cfg: Qwen2VLConfig, tensors: Mapping[str, np.ndarray], *, where:
     return load_into(abstract_model(Qwen2VLModel, cfg), params, where=where, sharding=sharding)
 
 
-def load_qwen2_vl(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
+def from_pretrained(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
                   sharding: ShardingFn | None = None, **overrides: Any) -> Qwen2VLModel:
     """Load a transformers Qwen2-VL folder. ``overrides``: :class:`Qwen2VLConfig` fields (runtime
     options such as ``remat`` / ``attention``, or ``text_config={...}`` / ``vision_config={...}``)."""
@@ -52,4 +52,3 @@ def load_qwen2_vl(path: str | Path, *, param_dtype: Any = None, dtype: Any = Non
     return load_params(cfg, open_weights(folder), where=str(folder), sharding=sharding)
 
 
-from_pretrained = load_qwen2_vl

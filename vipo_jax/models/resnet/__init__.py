@@ -3,7 +3,7 @@ a PSM backbone alternative to DINOv2."""
 
 from vipo_jax.models.resnet.config import PRESETS, ResNetConfig, feature_grid, preset
 from vipo_jax.models.resnet.convert import convert_hf, expected_shapes
-from vipo_jax.models.resnet.loading import from_pretrained, load_resnet
+from vipo_jax.models.resnet.loading import from_pretrained
 from vipo_jax.models.resnet.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,7 +24,6 @@ __all__ = [
     "expected_shapes",
     "feature_grid",
     "from_pretrained",
-    "load_resnet",
     "preprocess",
     "preset",
     "stage_features",

@@ -3,7 +3,7 @@ in Flax NNX: a PSM backbone alternative to DINOv2."""
 
 from vipo_jax.models.sam.config import PRESETS, SamVisionConfig, feature_grid, preset
 from vipo_jax.models.sam.convert import convert_hf, expected_shapes
-from vipo_jax.models.sam.loading import from_pretrained, load_sam
+from vipo_jax.models.sam.loading import from_pretrained
 from vipo_jax.models.sam.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,7 +24,6 @@ __all__ = [
     "feature_grid",
     "from_pretrained",
     "image_embeddings",
-    "load_sam",
     "preprocess",
     "preprocess_size",
     "preset",

@@ -13,7 +13,7 @@ from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, che
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
-def load_sam(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
+def from_pretrained(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
              sharding: ShardingFn | None = None, **overrides: Any) -> SamVisionEncoder:
     """Load the image encoder of a transformers ``SamModel`` folder (e.g. a snapshot of
     facebook/sam-vit-base; prompt encoder and mask decoder are skipped) or of a ``SamVisionModel``
@@ -29,4 +29,3 @@ def load_sam(path: str | Path, *, param_dtype: Any = None, dtype: Any = None,
     return load_into(abstract, params, where=str(path), sharding=sharding)
 
 
-from_pretrained = load_sam

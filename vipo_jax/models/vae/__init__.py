@@ -1,15 +1,14 @@
 """The FLUX.1 / SD KL autoencoder (diffusers ``AutoencoderKL``) in Flax NNX, NHWC."""
 
 from vipo_jax.models.vae.config import FLUX1_VAE, AutoencoderKLConfig
-from vipo_jax.models.vae.convert import convert_bfl_ae, convert_diffusers, load_vae
+from vipo_jax.models.vae.convert import convert_bfl_ae, convert_diffusers
+from vipo_jax.models.vae.loading import from_pretrained
 from vipo_jax.models.vae.model import (
     AutoencoderKL,
     decode_to_unit,
     latents_to_model,
     model_to_latents,
 )
-
-from_pretrained = load_vae
 
 __all__ = [
     "FLUX1_VAE",
@@ -20,6 +19,5 @@ __all__ = [
     "decode_to_unit",
     "from_pretrained",
     "latents_to_model",
-    "load_vae",
     "model_to_latents",
 ]

@@ -16,16 +16,13 @@ files.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from vipo_jax.errors import CheckpointError
 from vipo_jax.models.wan.config import WanConfig
-from vipo_jax.models.wan.transformer import WanTransformer
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, conv, linear, load_into
-from vipo_jax.weights.safetensors_io import SafetensorsFile, open_checkpoint
+from vipo_jax.weights.loading import SourceKeys, conv, linear
+from vipo_jax.weights.safetensors_io import SafetensorsFile
 
 # diffusers' WanTransformer3DModel._keys_to_ignore_on_load_unexpected: leftovers of older exports
 # that diffusers itself drops when loading.
@@ -122,37 +119,3 @@ def convert_diffusers(tensors: Mapping[str, np.ndarray], cfg: WanConfig, *, wher
     makers["scale_shift_table"] = lambda: np.reshape(sst, (2, d))
     r.sk.check_all_used(ignore=lambda k: any(s in k for s in _IGNORED))
     return LazyParams(makers)
-
-
-def transformer_folder(path: str | Path) -> Path:
-    """The transformer folder of ``path``: itself, or a pipeline root's ``transformer/``."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
-        return path / "transformer"
-    return path
-
-
-def load_wan_transformer(path: str | Path, *, param_dtype: str | None = None, dtype: str | None = None,
-                         sharding: ShardingFn | None = None, **overrides: Any) -> WanTransformer:
-    """Load a Wan2.1 T2V DiT from a diffusers transformer folder (``config.json`` +
-    ``diffusion_pytorch_model.safetensors`` or its sharded ``.index.json``), a pipeline root holding
-    ``transformer/``, or one ``.safetensors`` / ``.index.json`` file with ``config.json`` beside it.
-
-    ``param_dtype`` / ``dtype`` and ``overrides`` (``remat``, ``attention``, ...) replace config
-    fields. ``sharding(name, ShapeDtypeStruct)`` places each parameter as it is loaded."""
-    path = transformer_folder(path)
-    if path.is_dir():
-        folder = path
-        cfg = WanConfig.from_pretrained(folder, param_dtype=param_dtype, dtype=dtype, **overrides)
-        try:
-            tensors = open_checkpoint(folder, stem="diffusion_pytorch_model")
-        except CheckpointError:
-            tensors = open_checkpoint(folder)
-    elif path.is_file():
-        cfg = WanConfig.from_pretrained(path.parent, param_dtype=param_dtype, dtype=dtype, **overrides)
-        tensors = open_checkpoint(path)
-    else:
-        raise CheckpointError(f"Wan transformer checkpoint not found: {path}")
-    params = convert_diffusers(tensors, cfg, where=str(path))
-    abstract = abstract_model(WanTransformer, cfg)
-    return load_into(abstract, params, where=str(path), sharding=sharding)

@@ -1,15 +1,14 @@
 """The Wan2.1 video VAE (diffusers ``AutoencoderKLWan``) in Flax NNX, channels-last (B, F, H, W, C)."""
 
 from vipo_jax.models.wan_vae.config import WAN21_VAE, WanVAEConfig
-from vipo_jax.models.wan_vae.convert import convert_diffusers, load_wan_vae, plan_diffusers
+from vipo_jax.models.wan_vae.convert import convert_diffusers, plan_diffusers
+from vipo_jax.models.wan_vae.loading import from_pretrained
 from vipo_jax.models.wan_vae.model import (
     WanVAE,
     decode_to_unit,
     latents_to_model,
     model_to_latents,
 )
-
-from_pretrained = load_wan_vae
 
 __all__ = [
     "WAN21_VAE",
@@ -19,7 +18,6 @@ __all__ = [
     "decode_to_unit",
     "from_pretrained",
     "latents_to_model",
-    "load_wan_vae",
     "model_to_latents",
     "plan_diffusers",
 ]
