@@ -8,7 +8,7 @@ COMMAND:
   # LoRA (rank 16 on the attention and MLP projections) with an EMA of the adapters:
   python -m vipo_jax.train --config=configs/flux.py:toy --config.lora.rank=16 --config.train.ema_decay=0.99 \
       --workdir=runs/toy_lora
-  # the paper's FLUX.1-dev recipe (SPEC 1.5) from a local diffusers folder:
+  # the paper's FLUX.1-dev recipe (docs/METHOD.md §5) from a local diffusers folder:
   python -m vipo_jax.train --config=configs/flux.py --config.model.path=/path/to/FLUX.1-dev \
       --config.data.prompts=prompts.txt --workdir=runs/flux
 
@@ -88,13 +88,20 @@ def _common() -> mlc.ConfigDict:
 
     c.psm = mlc.ConfigDict()
     c.psm.enabled = True
-    c.psm.backbone_kind = "dinov2"  # the PSM backbone (vipo_jax.backbones): dinov2
-    c.psm.backbone = ""  # its weights: a DINOv2 folder (facebook/dinov2-large layout)
+    # the PSM backbone (vipo_jax.backbones): dinov2 (the paper's) | resnet | sam | pixels | latents
+    c.psm.backbone_kind = "dinov2"
+    c.psm.backbone = ""  # its weights: a transformers folder (facebook/dinov2-large, microsoft/resnet-50, ...)
+    c.psm.backbone_layer = ""  # resnet: the stage whose feature map is read ("": stage3)
+    c.psm.backbone_size = 0  # resnet: resize the image to this side first (0: as generated)
+    c.psm.patch = 0  # pixels / latents: the patch the features are averaged over (0: pixels 4, latents 1)
     c.psm.num_components = 3
     c.psm.sign_rule = "border"  # border | sklearn_u | sklearn_v
     c.psm.aggregation = "weighted"  # weighted | average | first_pc | uniform
     c.psm.smooth_sigma = 1.0
     c.psm.normalize_mean = False
+    # controls that can falsify the map: none | inverted (1 - M) | mean_map (the batch mean for every
+    # sample) | shuffled (another prompt's map)
+    c.psm.control = "none"
 
     c.rewards = mlc.ConfigDict()
     # comma-separated names from the reward registry (vipo_jax.rewards): hpsv21, pickscore, clip_score,

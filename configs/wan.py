@@ -5,18 +5,18 @@ COMMAND:
   python -m vipo_jax.train --config=configs/wan.py:toy --workdir=runs/wan_toy
   # plain GRPO (DanceGRPO) baseline in the video toy world:
   python -m vipo_jax.train --config=configs/wan.py:toy --config.psm.enabled=False --workdir=runs/wan_toy_grpo
-  # the paper's Wan2.1-T2V-1.3B recipe (SPEC 1.5) from a local diffusers folder:
+  # the paper's Wan2.1-T2V-1.3B recipe (docs/METHOD.md §5) from a local diffusers folder:
   python -m vipo_jax.train --config=configs/wan.py --config.model.path=/path/to/Wan2.1-T2V-1.3B-Diffusers \
-      --config.psm.backbone=/path/to/dinov2-large --config.rewards.hpsv21=/path/to/hps_v21.safetensors \
-      --config.rewards.clip_tokenizer=/path/to/clip-tokenizer --config.data.prompts=prompts.txt --workdir=runs/wan
+      --config.psm.backbone=/path/to/dinov2-large --config.rewards.videoalign=/path/to/VideoReward \
+      --config.data.prompts=prompts.txt --workdir=runs/wan
 
 Arguments after the colon: "toy" (embedded video toy world), "" or "1.3b" (Wan2.1-T2V-1.3B recipe),
 "14b" (the same recipe on Wan2.1-T2V-14B).
 
-Rewards: the paper trains Wan with VideoAlign's VQ + MQ heads (coefficients 1, 1). VideoAlign is not
-ported (``--config.rewards.names=videoalign_vq,videoalign_mq`` stops with a message that says what
-its port must provide), so the real recipe defaults to HPSv2.1 scored on every frame and averaged
-over frames (``rewards.frame_stride`` thins the frames).
+Rewards: the paper trains Wan with VideoAlign's VQ + MQ heads (coefficients 1, 1), the default here:
+``--config.rewards.videoalign=<KlingTeam/VideoReward folder>`` (without it the run stops at once and
+says what to download; docs/VIDEOALIGN.md). Image rewards are scored per frame and averaged over
+frames instead, e.g. ``--config.rewards.names=hpsv21 --config.rewards.coefs=1.0``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,14 @@ def _common() -> mlc.ConfigDict:
 
     c.psm.frames_per_call = 0  # DINOv2 frames per video per call (0: all; lower it to save memory)
 
-    c.rewards.names = "hpsv21"  # the paper: videoalign_vq,videoalign_mq (not ported), coefs 1.0,1.0
-    c.rewards.coefs = "1.0"
+    c.rewards.names = "videoalign_vq,videoalign_mq"  # the paper's VideoAlign visual + motion quality
+    c.rewards.coefs = "1.0,1.0"
+    c.rewards.videoalign = ""  # the KlingTeam/VideoReward folder (model_config.json, checkpoint-N/, base/)
+    c.rewards.videoalign_base = ""  # the Qwen2-VL-2B-Instruct folder when not <videoalign>/base
+    # VideoAlign samples 2 frames per second of the clip at this frame rate (0: sampling.fps, 16 for
+    # Wan2.1: 6 of 53 frames; the official ViPO script writes its mp4s at 25 fps: 4 frames)
+    c.rewards.videoalign_fps = 0.0
+    c.rewards.videoalign_clips_per_call = 0  # clips per VideoAlign call (0: all; lower it to save memory)
     c.rewards.clip_tokenizer = ""  # CLIP tokenizer folder for the CLIP-family rewards' prompts (required)
     c.rewards.frame_stride = 1  # score every k-th frame (and the last)
     c.rewards.frames_per_call = 0  # reward-model frames per video per call (0: all)

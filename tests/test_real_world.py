@@ -178,3 +178,34 @@ def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
     want = ImageRewardScorer.from_folder(c.rewards.image_reward).score(images, list(world.eval_prompts.prompts))
     assert abs(got["image_reward"] - float(np.mean(want))) < 1e-4
     assert np.isfinite(got["pickscore"])
+
+
+def test_bfl_single_file_trains_through_the_cli(assets, tmp_path):
+    """The transformer as a BFL single file (the layout of flux1-dev.safetensors) given by
+    --config.model.transformer, the rest from the diffusers folder: the CLI trains it, on-policy."""
+    import subprocess
+    import sys
+
+    from vipo_jax.models.flux import from_pretrained as load_flux_transformer
+    from vipo_jax.models.flux.export import save_bfl
+    from vipo_jax.weights.safetensors_io import open_checkpoint
+
+    bfl = tmp_path / "flux1-tiny.safetensors"
+    save_bfl(load_flux_transformer(assets["root"] / "transformer"), bfl)
+    assert "double_blocks.0.img_attn.qkv.weight" in open_checkpoint(bfl)  # the BFL key layout
+    prompts = _prompts_file(tmp_path / "data", PROMPTS[:2])
+    c = tiny_config(assets, prompts, 2)
+    args = [f"--config.{k}={v}" for k, v in {
+        "model.path": c.model.path, "model.transformer": bfl, "model.dtype": "float32", "model.remat": "none",
+        "sampling.height": 64, "sampling.width": 64, "sampling.num_steps": 4, "sampling.group_size": 2,
+        "sampling.prompts_per_iter": 2, "sampling.max_text_len": 8, "rewards.names": "pickscore",
+        "rewards.pickscore": assets["pickscore"], "psm.backbone": assets["dinov2"], "data.prompts": prompts,
+        "data.cache_dir": tmp_path / "tfds", "train.iterations": 2, "log.eval_every": 0,
+        "log.tensorboard": False}.items()]
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "vipo_jax.train", "--config=configs/flux.py",
+                          f"--workdir={tmp_path / 'run'}", "--no_progress", *args], cwd=root, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    recs = _train_records(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2] and all(r["ratio_dev_first_update"] == 0.0 for r in recs)

@@ -301,3 +301,20 @@ def test_psm_video_degenerate_frame_and_uniform(video_feats):
     f[0] = 0.0
     np.testing.assert_array_equal(np.asarray(_psm_video(f, (3, 5, 6), PSMOptions())), 1.0)
     np.testing.assert_array_equal(np.asarray(rl.psm_map_video(f, (3, 5, 6), aggregation="uniform")), 1.0)
+
+
+def test_controls_exactly():
+    """psm.control: the map, 1 - M, the batch-mean map for every sample, the next group's map."""
+    from vipo_jax.rl import control_map
+
+    maps = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (6, 4, 5)))
+    np.testing.assert_array_equal(np.asarray(control_map(maps, "none", 2)), maps)
+    np.testing.assert_array_equal(np.asarray(control_map(maps, "inverted", 2)), 1.0 - maps)
+    np.testing.assert_allclose(np.asarray(control_map(maps, "mean_map", 2)),
+                               np.broadcast_to(maps.mean(0, keepdims=True), maps.shape), rtol=1e-6)
+    shuffled = np.asarray(control_map(maps, "shuffled", 2))
+    np.testing.assert_array_equal(shuffled, maps[[2, 3, 4, 5, 0, 1]])  # sample i gets sample (i + G) mod B
+    with pytest.raises(ConfigError, match="two prompts"):
+        control_map(maps[:2], "shuffled", 2)
+    with pytest.raises(ConfigError, match="control"):
+        rl.PSMOptions(control="random")

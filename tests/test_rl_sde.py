@@ -1,5 +1,5 @@
 """Sigma schedule, SDE step / log-prob, rollout scan and the RNG helpers, against independent
-numpy float64 implementations of SPEC 1.1."""
+numpy float64 implementations of docs/METHOD.md §1."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def np_sigmas(num_steps: int, shift: float) -> np.ndarray:
 
 
 def np_sde(x, v, s, sn, eta):
-    """SPEC 1.1 in float64; s/sn/eta scalars or per-sample vectors."""
+    """docs/METHOD.md §1 in float64; s/sn/eta scalars or per-sample vectors."""
     x, v = x.astype(np.float64), v.astype(np.float64)
     shp = (-1,) + (1,) * (x.ndim - 1)
     s, sn, eta = (np.asarray(a, np.float64).reshape(shp) if np.ndim(a) else np.float64(a)

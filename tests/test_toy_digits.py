@@ -7,6 +7,7 @@ import pytest
 
 from vipo_jax.errors import ConfigError
 from vipo_jax.toy import digits as D
+from vipo_jax.rewards import pixels as P
 from vipo_jax.toy import rewards as R
 
 
@@ -112,10 +113,10 @@ def test_tokenizers_roundtrip_from_saved_folders(tmp_path):
 def test_redness():
     pure = np.stack([np.broadcast_to(np.float32(c), (16, 16, 3)) for c in
                      ([1, 0, 0], [0, 0, 1], [0, 1, 0], [0.5, 0.5, 0.5])])
-    np.testing.assert_allclose(np.asarray(R.redness(pure)), [1.0, -0.5, -0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(P.redness(pure)), [1.0, -0.5, -0.5, 0.0], atol=1e-6)
     half = np.zeros((1, 4, 4, 3), np.float32)
     half[0, :2, :, 0] = 1.0      # top half red, bottom black
-    np.testing.assert_allclose(np.asarray(R.redness(half)), [0.5], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(P.redness(half)), [0.5], atol=1e-6)
 
 
 def test_color_match(train_sample):

@@ -43,7 +43,7 @@ def decode_fn(frozen, x0):
     return jax.image.resize(img, (x0.shape[0], 2 * H, 2 * W, 3), "nearest")
 
 
-def feature_fn(frozen, images):
+def feature_fn(frozen, images, latents=None):
     b = images.shape[0]
     patches = images.reshape(b, 8, 2, 8, 2, 3).mean((2, 4))
     return jnp.tanh(patches @ frozen["proj"])

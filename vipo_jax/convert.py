@@ -14,6 +14,11 @@ this command only.
 does the same for THUDM/ImageReward (``vipo_jax.models.blip.convert_image_reward_checkpoint``):
 ``OUT_DIR/model.safetensors`` + ``OUT_DIR/config.json``, loaded by
 ``vipo_jax.rewards.image_reward.ImageRewardScorer.from_folder``.
+
+    python -m vipo_jax.convert videoalign /data/VideoReward
+
+turns VideoAlign's pickled ``checkpoint-N/model.pth`` into ``model.safetensors`` beside it
+(docs/VIDEOALIGN.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 from vipo_jax.errors import VipoError
 from vipo_jax.models.blip.convert import convert_image_reward_checkpoint
 from vipo_jax.models.clip.convert import convert_open_clip_checkpoint
+from vipo_jax.rewards.videoalign import convert_videoalign_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,8 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ir.add_argument("out_dir", help="output folder")
     ir.add_argument("--config", default=None, help="our ImageReward config.json (default: the v1.0 architecture)")
     ir.add_argument("--med-config", default=None, help="BLIP med_config.json for the text encoder")
+    va = sub.add_parser("videoalign", help="VideoAlign's checkpoint-N/model.pth -> model.safetensors beside it")
+    va.add_argument("folder", help="the KlingTeam/VideoReward folder (model_config.json, checkpoint-N/)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "videoalign":
+            for path in convert_videoalign_checkpoint(args.folder):
+                print(f"wrote {path}")
+            return 0
         if args.command == "image-reward":
             out = convert_image_reward_checkpoint(args.src, args.out_dir, config=args.config,
                                                   med_config=args.med_config)

@@ -31,12 +31,32 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, samples
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step, print its compile time and "
                                    "per-device memory, and exit without training")
+_LIST = flags.DEFINE_bool("list_rewards", False, "print the registered rewards, metrics, PSM backbones and model "
+                          "families, and exit")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize() from the "
                                  "VIPO_COORDINATOR / VIPO_NUM_PROCESSES / VIPO_PROCESS_ID variables or auto-detection")
 
 
+def print_registries() -> None:
+    """What ``--config.rewards.names``, ``--config.psm.backbone_kind`` and ``--config.model.family`` accept."""
+    from vipo_jax import backbones, rewards
+    from vipo_jax.worlds import FAMILIES
+
+    print("rewards (--config.rewards.names) and metrics; sources: toy | pretrained (world=real) | random | abstract")
+    for e in rewards.REWARDS.values():
+        kind = "reward" if e.trainable else "metric"
+        print(f"  {e.name:18s} {kind:6s} reads {e.reads:6s} sources {','.join(e.sources):34s} {e.help}")
+    print("PSM backbones (--config.psm.backbone_kind):")
+    for b in backbones.BACKBONES.values():
+        print(f"  {b.name:18s} sources {','.join(b.sources):34s} {b.help}")
+    print(f"model families (--config.model.family): {', '.join(FAMILIES)}")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if _LIST.value:
+        print_registries()
+        return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py:toy")
     workdir = _WORKDIR.value or "runs/default"

@@ -1,6 +1,6 @@
 """PSM backbones by name (``registry``); importing this package registers the built-in ones."""
 
-from vipo_jax.backbones import dinov2
+from vipo_jax.backbones import dinov2, pixels, resnet, sam
 from vipo_jax.backbones.registry import (
     BACKBONES,
     BackboneContext,
@@ -10,4 +10,5 @@ from vipo_jax.backbones.registry import (
     register,
 )
 
-__all__ = ["BACKBONES", "BackboneContext", "BackboneEntry", "LoadedBackbone", "dinov2", "get", "register"]
+__all__ = ["BACKBONES", "BackboneContext", "BackboneEntry", "LoadedBackbone", "dinov2", "get", "pixels", "register",
+           "resnet", "sam"]

@@ -46,10 +46,14 @@ class LoadedBackbone:
 
 @dataclasses.dataclass(frozen=True)
 class BackboneEntry:
+    """``reads``: ``"images"`` (the decoded samples, per frame for video) or ``"latents"`` (the final
+    clean latents: (B, H, W, C), or (B, T, H, W, C) latent frames for video)."""
+
     name: str
     load: Callable[[BackboneContext], LoadedBackbone]
     help: str
     sources: tuple[str, ...] = SOURCES
+    reads: str = "images"
     #: ``check(ctx)``: raise CheckpointError for a missing file before any model loads (pretrained)
     check: Callable[[BackboneContext], None] | None = None
 

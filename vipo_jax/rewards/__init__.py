@@ -1,9 +1,11 @@
-"""Rewards and evaluation metrics, registered by name (``registry``): pixel rewards (``pixels``), the
-CLIP family (``clip_scores``: HPSv2.1, PickScore, CLIP score), ImageReward (``image_reward``), and
-image rewards scored per video frame (``frames``). The toy world registers its own (``vipo_jax.toy``).
+"""Rewards and evaluation metrics, registered by name (``registry``): pixel rewards (``pixels``),
+rewards that live on the subject or the background (``regions``), the
+CLIP family (``clip_scores``: HPSv2.1, PickScore, CLIP score), ImageReward (``image_reward``),
+VideoAlign (``videoalign``: VQ / MQ / TA of whole clips), and image rewards scored per video frame
+(``frames``). The toy world registers its own (``vipo_jax.toy``).
 Importing this package registers the built-in rewards."""
 
-from vipo_jax.rewards import clip_scores, image_reward, pixels
+from vipo_jax.rewards import clip_scores, image_reward, pixels, regions, videoalign
 from vipo_jax.rewards.registry import (
     REWARDS,
     LoadedReward,
@@ -18,4 +20,4 @@ from vipo_jax.rewards.registry import (
 )
 
 __all__ = ["REWARDS", "LoadedReward", "RewardContext", "RewardEntry", "available", "clip_scores", "evaluation_names",
-           "get", "image_reward", "pixels", "register", "reward_weights", "unregister"]
+           "get", "image_reward", "pixels", "regions", "register", "reward_weights", "unregister", "videoalign"]

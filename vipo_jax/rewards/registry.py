@@ -45,6 +45,8 @@ class RewardContext:
     toy_assets: Path | None = None
     sharding: Any = None
     dtype: str = "float32"
+    #: models loaded by earlier entries of the same world (several rewards read one model)
+    cache: dict = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def abstract(self) -> bool:
@@ -56,14 +58,17 @@ class RewardContext:
 class LoadedReward:
     """A reward ready for a world: pure ``score``, its frozen ``params`` (any pytree, abstract for the
     planner), the per-prompt inputs it reads (``prompt_inputs(texts) -> {name: (N, ...) array}`` and
-    their row shapes ``input_specs``), and optionally ``video_score``, its own whole-clip version
-    (otherwise a video world averages ``score`` over frames)."""
+    their row shapes ``input_specs``), optionally ``video_score``, its own whole-clip version
+    (otherwise a video world averages ``score`` over frames), and ``params_key``."""
 
     score: ScoreFn
     params: Any = None
     prompt_inputs: Callable[[list[str]], dict[str, np.ndarray]] | None = None
     input_specs: Mapping[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict)
     video_score: ScoreFn | None = None
+    #: where the world keeps ``params`` in its frozen tree (default ``reward/<name>``); rewards that
+    #: read one model (VideoAlign's VQ / MQ / TA heads) give the same key and share one copy
+    params_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,8 +61,9 @@ from vipo_jax.models.qwen2_vl.convert import convert_hf
 from vipo_jax.models.qwen2_vl.loading import open_weights, runtime_overrides
 from vipo_jax.models.qwen2_vl.model import Qwen2VLModel
 from vipo_jax.nn.annotate import linear_init
+from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
 from vipo_jax.text.tokenizers import load_tokenizer
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, linear, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, init_model, linear, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
 from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
@@ -893,3 +894,91 @@ class VideoAlignScorer:
         _, t, h, w, _ = videos.shape
         batch = self.tokenize(prompts, t, h, w, fps)
         return np.asarray(self._jit(self.params, videos, {k: jnp.asarray(v) for k, v in batch.items()}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry entries: videoalign_vq, videoalign_mq, videoalign_ta (one model, three heads)
+# --------------------------------------------------------------------------------------------------
+VIDEOALIGN_HELP = """\
+VideoAlign not found: --config.rewards.videoalign={folder!r}. The paper's Wan2.1 reward is VideoAlign
+(visual quality VQ + motion quality MQ, 1:1). Download it and its base model, e.g.
+    huggingface-cli download KlingTeam/VideoReward --local-dir /data/VideoReward
+    huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir /data/VideoReward/base
+convert the pickled weights once (needs torch):
+    python -m vipo_jax.convert videoalign /data/VideoReward
+and pass --config.rewards.videoalign=/data/VideoReward. Without it, train with a per-frame image reward:
+--config.rewards.names=hpsv21 --config.rewards.coefs=1.0 (see docs/VIDEOALIGN.md)."""
+#: The prompt length the planner assumes (template + video tokens + prompt; the real tokenizer gives
+#: about 800-1000 with Wan's 405 video tokens).
+PLANNED_PROMPT_TOKENS = 1024
+_INPUTS = ("input_ids", "attention_mask", "reward_positions", "frame_indices")
+
+
+def _check(ctx: RewardContext) -> None:
+    folder = str(ctx.config.rewards.get("videoalign", "") or "")
+    if not folder or not Path(folder).is_dir():
+        raise CheckpointError(VIDEOALIGN_HELP.format(folder=folder))
+
+
+def _fps(c: Any) -> float:
+    """The frame rate VideoAlign reads the clips at (it samples 2 frames per second of it):
+    ``rewards.videoalign_fps``, or the generation's ``sampling.fps`` when 0."""
+    return float(c.rewards.get("videoalign_fps", 0.0) or c.sampling.fps)
+
+
+def _load_model(ctx: RewardContext) -> tuple[Callable, Any, Callable | None, dict]:
+    """(score_fn, params, prompt_inputs, input_specs) of the one VideoAlign model of a world."""
+    if "videoalign" in ctx.cache:
+        return ctx.cache["videoalign"]
+    c = ctx.config
+    s = c.sampling
+    per_call = int(c.rewards.get("videoalign_clips_per_call", 0) or 0)
+    if ctx.source in ("abstract", "random"):
+        graphdef, params = abstract_videoalign(param_dtype=ctx.dtype, dtype=ctx.dtype)
+        if ctx.source == "random":
+            model = init_model(VideoAlignModel, nnx.merge(graphdef, params).config, abstract=False)
+            graphdef, params = nnx.split(model)
+        settings = RELEASE_SETTINGS
+        lay = video_layout(s.num_frames, s.height, s.width, _fps(c), settings, preset("qwen2-vl-2b").vision_config)
+        n = PLANNED_PROMPT_TOKENS
+        specs = {"input_ids": (n,), "attention_mask": (n,), "reward_positions": (3,),
+                 "frame_indices": (len(lay.frame_indices),)}
+        specs = {f"videoalign_{k}": jax.ShapeDtypeStruct(v, jnp.int32) for k, v in specs.items()}
+        out = (make_score_fn(graphdef, settings, clips_per_call=per_call), params, None, specs)
+    else:
+        _check(ctx)
+        base = str(c.rewards.get("videoalign_base", "") or "") or None
+        scorer = VideoAlignScorer.from_folder(c.rewards.videoalign, base=base, param_dtype=ctx.dtype, dtype=ctx.dtype,
+                                              sharding=ctx.sharding, clips_per_call=per_call)
+
+        def prompt_inputs(texts: list[str]) -> dict[str, np.ndarray]:
+            rows = scorer.tokenize(texts, s.num_frames, s.height, s.width, _fps(c))
+            return {f"videoalign_{k}": v for k, v in rows.items()}
+
+        specs = {f"videoalign_{k}": v for k, v in
+                 scorer.input_specs(s.num_frames, s.height, s.width, _fps(c)).items()}
+        out = (scorer.score_fn, scorer.params, prompt_inputs, specs)
+    ctx.cache["videoalign"] = out
+    return out
+
+
+def _loader(index: int) -> Callable:
+    def load(ctx: RewardContext) -> LoadedReward:
+        score_fn, params, prompt_inputs, specs = _load_model(ctx)
+
+        def score(p: Any, videos: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+            rows = {k: batch[f"videoalign_{k}"] for k in _INPUTS}
+            return score_fn(p, videos, rows)[:, index]
+
+        return LoadedReward(score=score, video_score=score, params=params, prompt_inputs=prompt_inputs,
+                            input_specs=specs, params_key="reward/videoalign")
+
+    return load
+
+
+for _i, _dim in enumerate(DIMENSIONS):
+    register(RewardEntry(
+        f"videoalign_{_dim.lower()}", _loader(_i),
+        f"VideoAlign {_dim} ({dict(VQ='visual', MQ='motion', TA='text-alignment')[_dim]} quality; the paper's Wan "
+        "reward is VQ + MQ, 1:1); --config.rewards.videoalign=<KlingTeam/VideoReward folder>",
+        reads="videos", sources=("toy", "pretrained", "random", "abstract"), path_key="videoalign", check=_check))

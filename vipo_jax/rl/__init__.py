@@ -12,9 +12,11 @@ from vipo_jax.rl.logprob import LOGPROB_REDUCTIONS, reduce_logprob, step_logprob
 from vipo_jax.rl.loss import MAP_TARGETS, clipped_surrogate, pixel_advantages, policy_loss
 from vipo_jax.rl.psm import (
     AGGREGATIONS,
+    CONTROLS,
     SIGN_RULES,
     PSMOptions,
     antialias_resize_matrix,
+    control_map,
     gaussian_filter_matrix,
     gaussian_smooth_2d,
     linear_resize_matrix,
@@ -36,8 +38,8 @@ from vipo_jax.rl.sde import (
 from vipo_jax.rl.timesteps import gather_transitions, initial_noise, num_train_timesteps, sample_train_timesteps
 
 __all__ = [
-    "AGGREGATIONS", "LOGPROB_REDUCTIONS", "MAP_TARGETS", "SIGN_RULES", "PSMOptions",
-    "antialias_resize_matrix", "clipped_surrogate", "combine_advantages", "gather_transitions",
+    "AGGREGATIONS", "CONTROLS", "LOGPROB_REDUCTIONS", "MAP_TARGETS", "SIGN_RULES", "PSMOptions",
+    "antialias_resize_matrix", "clipped_surrogate", "combine_advantages", "control_map", "gather_transitions",
     "gaussian_filter_matrix", "gaussian_smooth_2d", "group_advantages", "initial_noise",
     "linear_resize_matrix", "map_stats", "num_train_timesteps", "ode_step", "pixel_advantages",
     "pixel_rewards_to_advantages", "policy_loss", "psm_map", "psm_map_video", "reduce_logprob",

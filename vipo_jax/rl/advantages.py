@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC 1.2) and the "map applied to reward" ablation (SPEC 1.4).
+"""Group-relative advantages (docs/METHOD.md §2) and the "map applied to reward" ablation (docs/METHOD.md §4).
 
 Batches are prompt-major: sample ``b`` belongs to group ``b // group_size`` (see
 :func:`vipo_jax.rl.timesteps.initial_noise`). Statistics use the unbiased std (ddof=1) as torch's
@@ -28,7 +28,7 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-8) -> 
     """``A_i = (r_i - mean_g r) / (std_g r + eps)`` within each group of G; ``(B,)`` float32.
 
     The result is not clipped here: the ±adv_clip_max clamp is applied after the pixel map, in the
-    loss (SPEC 1.2), as the official code does."""
+    loss (docs/METHOD.md §2), as the official code does."""
     r = _grouped(jnp.asarray(rewards, jnp.float32), group_size)
     mean = jnp.mean(r, axis=1, keepdims=True)
     std = jnp.std(r, axis=1, keepdims=True, ddof=1)

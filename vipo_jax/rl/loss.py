@@ -1,4 +1,4 @@
-"""The ViPO policy objective (SPEC 1.4): GRPO's clipped surrogate at every latent position.
+"""The ViPO policy objective (docs/METHOD.md §4): GRPO's clipped surrogate at every latent position.
 
 ``A^p = clip(M(p)*A, -adv_clip_max, adv_clip_max)`` and
 ``L = mean_{i,p} max(-A^p * rho^p, -A^p * clip(rho^p, 1-eps, 1+eps))`` with no KL term. The mean

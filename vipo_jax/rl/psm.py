@@ -1,4 +1,4 @@
-"""Perceptual Structuring Module (SPEC 1.3): a training-free allocation map from backbone features.
+"""Perceptual Structuring Module (docs/METHOD.md §3): a training-free allocation map from backbone features.
 
 Input: the patch features ``F`` (B, h, w, D) of the final decoded sample (DINOv2's last layer-normed
 patch tokens; the backbone is run by the caller). Per image: PCA over its own ``h*w`` tokens
@@ -28,6 +28,9 @@ from vipo_jax.errors import ConfigError
 
 SIGN_RULES = ("border", "sklearn_u", "sklearn_v")
 AGGREGATIONS = ("weighted", "average", "first_pc", "uniform")
+#: Controls that can falsify the map (``control_map``): the map itself, its inverse, the batch-mean
+#: map (the same spatial prior for every sample), another group's map (right statistics, wrong image).
+CONTROLS = ("none", "inverted", "mean_map", "shuffled")
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MINMAX_EPS = 1e-8      # added to max-min, as in the official code
 _DEGENERATE_RANGE = 1e-6  # a smoothed map flatter than this carries no structure -> all ones
@@ -45,8 +48,11 @@ class PSMOptions:
     smooth_sigma: float = 1.0
     normalize_mean: bool = False
     temporal_sigma: float = 0.3
+    control: str = "none"
 
     def __post_init__(self) -> None:
+        if self.control not in CONTROLS:
+            raise ConfigError(f"psm control must be one of {CONTROLS}, got {self.control!r}")
         if self.sign_rule not in SIGN_RULES:
             raise ConfigError(f"psm sign_rule must be one of {SIGN_RULES}, got {self.sign_rule!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -280,6 +286,30 @@ def psm_map_video(frame_features: jax.Array, latent_thw: tuple[int, int, int], o
     return jax.lax.stop_gradient(m)
 
 
+def control_map(maps: jax.Array, control: str, group_size: int) -> jax.Array:
+    """A control of the advantage map (``psm.control``), same shape as ``maps`` (B, *positions):
+
+    * ``none``: the map;
+    * ``inverted``: ``1 - M`` (credit where the PSM says it should not go);
+    * ``mean_map``: the batch-mean map for every sample (a fixed spatial prior, no per-image content);
+    * ``shuffled``: sample i gets the map of sample ``(i + G) mod B``, the same position in the next
+      group (another prompt's image: real map statistics, the wrong content). Needs two or more
+      prompts per iteration.
+    """
+    m = jnp.asarray(maps, jnp.float32)
+    if control == "none":
+        return m
+    if control == "inverted":
+        return 1.0 - m
+    if control == "mean_map":
+        return jnp.broadcast_to(jnp.mean(m, axis=0, keepdims=True), m.shape)
+    if control == "shuffled":
+        if m.shape[0] <= int(group_size):
+            raise ConfigError("psm control 'shuffled' needs at least two prompts per iteration (another group's map)")
+        return jnp.roll(m, -int(group_size), axis=0)
+    raise ConfigError(f"psm control must be one of {CONTROLS}, got {control!r}")
+
+
 def map_stats(m: jax.Array) -> dict[str, jax.Array]:
     """Summary numbers worth logging: mean (the effective step-size scale), min, max, and the
     fraction of all-ones (fallback) maps."""
@@ -290,7 +320,8 @@ def map_stats(m: jax.Array) -> dict[str, jax.Array]:
 
 
 __all__ = [
-    "AGGREGATIONS", "SIGN_RULES", "PSMOptions", "antialias_resize_matrix", "gaussian_filter_matrix",
+    "AGGREGATIONS", "CONTROLS", "SIGN_RULES", "PSMOptions", "antialias_resize_matrix", "control_map",
+    "gaussian_filter_matrix",
     "gaussian_smooth_2d", "linear_resize_matrix", "map_stats", "psm_map", "psm_map_video",
     "resize_bilinear_antialias",
 ]

@@ -1,4 +1,4 @@
-"""The sampling sigma grid (SPEC 1.1): DanceGRPO's ``sd3_time_shift`` of a uniform grid.
+"""The sampling sigma grid (docs/METHOD.md §1): DanceGRPO's ``sd3_time_shift`` of a uniform grid.
 
 The shift concentrates steps at high noise, where the flow model decides global structure; the
 same grid is used by the rollout and by the training-time log-prob, so it is computed in one place.

@@ -1,4 +1,4 @@
-"""One step of the flow-matching sampler turned into an SDE (DanceGRPO's ``flux_step``, SPEC 1.1).
+"""One step of the flow-matching sampler turned into an SDE (DanceGRPO's ``flux_step``, docs/METHOD.md §1).
 
 Rectified flow ``x_sigma = (1-sigma)*x0 + sigma*eps`` with a velocity model ``v ~ eps - x0``. The
 SDE step is a Gaussian policy ``N(mean, std^2)`` over the next state, whose element-wise log-prob
@@ -48,7 +48,7 @@ def ode_step(x: jax.Array, v: jax.Array, sigma: jax.Array | float,
 
 def sde_mean_std(x: jax.Array, v: jax.Array, sigma: jax.Array | float, sigma_next: jax.Array | float,
                  eta: jax.Array | float) -> tuple[jax.Array, jax.Array]:
-    """Mean and std of the Gaussian transition ``p(x' | x)`` (SPEC 1.1 formulas, DanceGRPO order).
+    """Mean and std of the Gaussian transition ``p(x' | x)`` (docs/METHOD.md §1 formulas, DanceGRPO order).
 
     ``std`` keeps the broadcast shape of sigma (scalar or ``(B, 1, ..., 1)``) to save memory."""
     x, v = _f32(x), _f32(v)

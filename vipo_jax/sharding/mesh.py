@@ -1,4 +1,4 @@
-"""One device mesh for the whole run, with axes ``data, fsdp, context, tensor`` (SPEC §3).
+"""One device mesh for the whole run, with axes ``data, fsdp, context, tensor`` (docs/ARCHITECTURE.md, "Sharding").
 
 The sizes come from the config's ``mesh`` section; one of them may be ``-1`` (all the devices the
 others leave). Every axis is ``AxisType.Auto``: the models are written for GSPMD propagation plus

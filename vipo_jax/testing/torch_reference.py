@@ -249,7 +249,7 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def psm_map(features: torch.Tensor, latent_hw: tuple[int, int], num_components: int = 3,
             smooth_sigma: float = 1.0) -> torch.Tensor:
-    """SPEC 1.3 for one image: (h, w, D) patch tokens -> (H, W) map in [0, 1].
+    """docs/METHOD.md §3 for one image: (h, w, D) patch tokens -> (H, W) map in [0, 1].
 
     PCA by SVD of the centred tokens; each component oriented so that its mean score on the grid
     border is positive ('border' rule); reverse min-max of each component, summed with weights =

@@ -103,11 +103,12 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
         per_sample = constrain_batch(repeat_groups({k: v for k, v in batch.items() if k != "cond"}, G))
         rewards = {name: fn(frozen, images, per_sample).astype(jnp.float32) for name, fn in reward_fns.items()}
         if cfg.psm is not None and feature_fn is not None:
-            feats = feature_fn(frozen, images)
+            feats = feature_fn(frozen, images, ro["x0"])
             if video:
                 amap = rl.psm_map_video(feats, tuple(latent_shape[:3]), cfg.psm)
             else:
                 amap = rl.psm_map(feats, tuple(latent_shape[:2]), cfg.psm)
+            amap = rl.control_map(amap, cfg.psm.control, G)
         else:
             amap = None  # plain GRPO: M = 1
 

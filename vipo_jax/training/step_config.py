@@ -96,6 +96,9 @@ class StepConfig:
             raise ConfigError(f"--config.train.num_updates={self.num_updates} must divide the iteration's {batch} "
                               "samples (prompts_per_iter x group_size)")
         chunk = batch // self.num_updates
+        if self.psm is not None and self.psm.control == "shuffled" and int(num_prompts) < 2:
+            raise ConfigError("--config.psm.control='shuffled' gives each sample another group's map: it needs "
+                              "--config.sampling.prompts_per_iter >= 2")
         if self.micro_batch and chunk % self.micro_batch:
             raise ConfigError(f"--config.train.micro_batch={self.micro_batch} must divide the {chunk} samples of "
                               "one update")
@@ -122,9 +125,10 @@ def psm_options(p: mlc.ConfigDict) -> rl.PSMOptions:
     k = p.num_components
     if not isinstance(k, int) or not 1 <= k <= 16:
         raise ConfigError(f"--config.psm.num_components={k!r} must be an integer in 1..16")
-    for name, choices in (("sign_rule", rl.SIGN_RULES), ("aggregation", rl.AGGREGATIONS)):
-        if p[name] not in choices:
-            raise ConfigError(f"--config.psm.{name}={p[name]!r} is not one of {', '.join(choices)}")
+    for name, choices in (("sign_rule", rl.SIGN_RULES), ("aggregation", rl.AGGREGATIONS),
+                          ("control", rl.CONTROLS)):
+        if p.get(name, "none") not in choices:
+            raise ConfigError(f"--config.psm.{name}={p.get(name)!r} is not one of {', '.join(choices)}")
     if not (math.isfinite(p.smooth_sigma) and p.smooth_sigma >= 0):
         raise ConfigError(f"--config.psm.smooth_sigma={p.smooth_sigma} must be >= 0 (0: no smoothing)")
     return rl.PSMOptions.from_any(p)

@@ -63,11 +63,12 @@ def check_world_config(c: mlc.ConfigDict, source: str | None = None, *, evaluati
         if source not in backbone.sources:
             raise ConfigError(f"--config.psm.backbone_kind={backbone.name!r} cannot be loaded from the {source} "
                               "weights")
-    if source == "pretrained" and files:  # every file the run needs, before anything loads
-        _check_pretrained(family, c)
+    if files and source in ("toy", "pretrained"):  # every file the run needs, before anything loads
+        if source == "pretrained":
+            _check_pretrained(family, c)
         if backbone is not None and backbone.check is not None:
             backbone.check(BackboneContext(c, source))
-        if not c.data.prompts:
+        if source == "pretrained" and not c.data.prompts:
             raise DataError("--config.data.prompts is empty: give a prompts file (one prompt per line, or JSONL)")
         for entry in entries.values():
             if entry.check is not None:
@@ -97,10 +98,11 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
     reward_dtype = "bfloat16" if c.model.dtype == "bfloat16" else "float32"
     ctx = RewardContext(c, source, toy_assets=evaluators, sharding=sharding, dtype=reward_dtype)
     loaded = {name: entry.load(ctx) for name, entry in entries.items()}
-    backbone = None
+    backbone, backbone_entry = None, None
     if c.psm.enabled and not evaluation:
         bctx = BackboneContext(c, source, toy_assets=evaluators, sharding=sharding, dtype=c.model.dtype)
-        backbone = backbones.get(str(c.psm.get("backbone_kind", "dinov2"))).load(bctx)
+        backbone_entry = backbones.get(str(c.psm.get("backbone_kind", "dinov2")))
+        backbone = backbone_entry.load(bctx)
 
     if source == "toy":
         policy, decoder = toy.policy, toy.decoder
@@ -121,7 +123,7 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
         frozen["backbone"] = backbone.params
     for name, lr in loaded.items():
         if lr.params is not None:
-            frozen[f"reward/{name}"] = lr.params
+            frozen.setdefault(lr.params_key or f"reward/{name}", lr.params)
     weights = rewards.reward_weights(c)
     fns = {name: _bind(name, lr, family.video, c) for name, lr in loaded.items()}
     trained = [n for n, _ in weights]
@@ -131,6 +133,7 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
                  train_prompts=train, eval_prompts=evals, latent_shape=family.latent_shape(c, decoder),
                  rewards={n: fns[n] for n in trained + monitored}, metrics={n: fns[n] for n in metric_names},
                  reward_weights=weights, backbone=None if backbone is None else backbone.features,
+                 backbone_reads=backbone_entry.reads if backbone_entry is not None else "images",
                  options=family.options(c, policy, source), encode=encode)
 
 
@@ -140,13 +143,17 @@ def _reward_entries(c: mlc.ConfigDict, source: str, evaluation: bool = False) ->
     in the toy source every monitored reward and metric too, and for an evaluation of a pretrained
     world every reward model the config gives a path for (``rewards.evaluation_names``)."""
     names = [n for n, _ in rewards.reward_weights(c)]
-    if source == "toy":
-        names += [e.name for e in rewards.available("toy") if e.name not in names]
+    video = get_family(c.model.family).video
+    if source == "toy":  # every toy reward and metric; reward models only when the config gives their file
+        names += [e.name for e in rewards.available("toy") if e.name not in names and (video or e.reads == "images")
+                  and (e.path_key is None or c.rewards.get(e.path_key, ""))]
     elif evaluation:
         names += [n for n in rewards.evaluation_names(c) if n not in names]
     out = {}
     for n in names:
         entry = rewards.get(n)
+        if entry.reads == "videos" and not video:
+            raise ConfigError(f"reward {n!r} scores videos; model.family={c.model.family!r} makes images")
         if source not in entry.sources:
             where = {"toy": "the toy world", "pretrained": "a pretrained (world=real) run",
                      "random": "a random-weight run", "abstract": "the planner"}[source]
@@ -159,7 +166,7 @@ def _reward_entries(c: mlc.ConfigDict, source: str, evaluation: bool = False) ->
 def _bind(name: str, lr: LoadedReward, video: bool, c: mlc.ConfigDict) -> RewardFn:
     """A loaded reward as the step's ``fn(frozen, samples, batch)``: its parameters read from
     ``frozen["reward/<name>"]``; on videos its own whole-clip score or the mean over frames."""
-    key = f"reward/{name}"
+    key = lr.params_key or f"reward/{name}"
     score = lr.score
     if video:
         score = lr.video_score or per_frame(lr.score, frame_stride=int(c.rewards.get("frame_stride", 1)),

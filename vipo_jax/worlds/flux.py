@@ -112,9 +112,12 @@ class FluxFamily(Family):
     def pretrained_models(self, c: mlc.ConfigDict, root: Path, sharding: Any) -> tuple[nnx.Module, nnx.Module]:
         m = c.model
         path = self.transformer_path(c, root)
+        config = None
+        if path.is_file():  # a single file (BFL layout) has no config: the folder's, else the variant's
+            folder_cfg = root / "transformer" / "config.json"
+            config = FluxConfig.from_pretrained(folder_cfg.parent) if folder_cfg.is_file() else f"flux-{m.variant}"
         policy = load_flux_transformer(path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                                       attention=m.attention, sharding=sharding,
-                                       config=f"flux-{m.variant}" if path.is_file() else None)
+                                       attention=m.attention, sharding=sharding, config=config)
         return policy, load_vae(root / "vae", dtype=m.dtype, sharding=sharding)
 
     def shaped_models(self, c: mlc.ConfigDict, abstract: bool) -> tuple[nnx.Module, nnx.Module]:

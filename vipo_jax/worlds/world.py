@@ -101,6 +101,7 @@ class World:
     reward_weights: tuple[tuple[str, float], ...]
     backbone: Callable[[Any, jax.Array], jax.Array] | None
     options: WorldOptions
+    backbone_reads: str = "images"  # or "latents": the PSM backbone reads the clean latents
     encode: Callable[[list[str]], PromptTable] | None = None
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
@@ -121,11 +122,17 @@ class World:
         """Clean latents -> images (B, H, W, 3) or videos (B, T, H, W, 3) in [0, 1]."""
         return self.family.decode(nnx.merge(self.graphdefs["decoder"], frozen["decoder"]), x0)
 
-    def feature_fn(self, frozen: Mapping[str, Any], samples: jax.Array) -> jax.Array:
-        """The PSM backbone's patch features: (B, h, w, D) of images, (B, T, h, w, D) of videos."""
+    def feature_fn(self, frozen: Mapping[str, Any], samples: jax.Array, latents: jax.Array | None = None
+                   ) -> jax.Array:
+        """The PSM backbone's patch features: (B, h, w, D) of images, (B, T, h, w, D) of videos (per
+        frame); a backbone that reads latents gets ``latents`` (the final clean latents) instead."""
         if self.backbone is None:
             raise ValueError("this world has no PSM backbone (psm.enabled=False)")
         params = frozen.get("backbone")
+        if self.backbone_reads == "latents":
+            if latents is None:
+                raise ValueError("the PSM backbone reads the clean latents: pass latents=")
+            return self.backbone(params, latents)
         if not self.video:
             return self.backbone(params, samples)
         size = self.options.frame_readout
