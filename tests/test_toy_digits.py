@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.toy import digits as D
 from vipo_jax.rewards import pixels as P
+from vipo_jax.toy import digits as D
 from vipo_jax.toy import rewards as R
 
 
