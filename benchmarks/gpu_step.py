@@ -98,11 +98,11 @@ def wide_config(a):
 
 def wide_step(a, repeats: int) -> dict:
     from vipo_jax.models.flux.flops import flux_forward_flops
-    from vipo_jax.plan.flops import iteration_flops
     from vipo_jax.training.optim import make_optimizer
     from vipo_jax.training.run import init_state
     from vipo_jax.training.step import train_step_for
     from vipo_jax.training.step_config import StepConfig
+    from vipo_jax.training.throughput import iteration_flops
     from vipo_jax.worlds import build_world
 
     c = wide_config(a)

@@ -52,10 +52,24 @@ def _common() -> mlc.ConfigDict:
     c.sampling.prompts_per_iter = 8  # prompts per iteration over all devices
     c.sampling.init_same_noise = True
     c.sampling.max_text_len = 512
+    # Faster iterations (MixGRPO): the SDE only in a window of this many transitions, ODE steps
+    # elsewhere (0: the SDE on every trainable transition, the paper's recipe). The window slides by
+    # window_stride every window_every iterations (or: window_schedule = "random"); ode_solver is
+    # euler | dpm2 (DPM-Solver++(2M), MixGRPO-Flash) | ab2 outside the window.
+    c.sampling.sde_window = 0
+    c.sampling.window_schedule = "sliding"
+    c.sampling.window_stride = 1
+    c.sampling.window_every = 25
+    c.sampling.ode_solver = "euler"
 
     c.train = mlc.ConfigDict()
     c.train.iterations = 300
     c.train.timestep_fraction = 0.6
+    c.train.window_fraction = 1.0  # with sampling.sde_window: the share of the window's transitions trained
+    # GRPO-Guard's RatioNorm of each transition's log-ratio (off: the paper's ratio), with its 1/dt
+    # loss weights normalised to mean 1 (ratio_norm_reweight)
+    c.train.ratio_norm = False
+    c.train.ratio_norm_reweight = True
     c.train.num_updates = 1  # optimizer updates per iteration (samples split in this many chunks)
     c.train.micro_batch = 0  # samples per forward in rollout and training (0: all of a chunk)
     c.train.clip_range = 1e-4
@@ -128,6 +142,9 @@ def _common() -> mlc.ConfigDict:
     c.log.keep_checkpoints = 2
     c.log.tensorboard = True
     c.log.eval_ema = True  # with train.ema_decay > 0: evaluation grids/metrics use the EMA weights
+    # time each phase (rollout, decode, rewards, PSM; the update is the rest) once, jitted alone, and
+    # report FLOPs and MFU per phase (summary.json, the last metrics record) and per iteration
+    c.log.phase_times = True
 
     # Device mesh (product = all devices of all processes; one axis may be -1 = the rest). Parameters
     # and optimizer state are split over fsdp, samples over data x fsdp (vipo_jax/sharding).

@@ -127,6 +127,7 @@ def tiny_config(iterations: int = 2, **mesh):
     c.log.eval_every = 0
     c.log.ckpt_every = 0
     c.log.tensorboard = False
+    c.log.phase_times = False
     c.log.num_eval_prompts = 4
     for k, v in {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, **mesh}.items():
         c.mesh[k] = v

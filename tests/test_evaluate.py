@@ -86,7 +86,8 @@ def test_evaluate_base_vs_checkpoint(toy, run_dir, tmp_path):
     res = evaluate(c, [CheckpointSpec("base", None), CheckpointSpec("half", str(run_dir)),
                        CheckpointSpec("base", None)], prompts, [0], tmp_path, batch_size=2, world=world,
                    progress=False)
-    metrics = {"redness", "toy_clip", "digit_accuracy", "color_match"}
+    metrics = {"redness", "subject_redness", "background_redness", "subject_fraction", "toy_clip", "digit_accuracy",
+               "digit_logprob", "digit_accuracy_eval", "color_match"}
     assert set(res["metrics"]) == metrics and res["in_domain"] == ["redness"]
     assert list(res["checkpoints"]) == ["base", "half", "base#2"]
     assert res["checkpoints"]["half"]["step"] == 7
@@ -103,6 +104,8 @@ def test_evaluate_base_vs_checkpoint(toy, run_dir, tmp_path):
         assert grp["base"]["metrics"][m] == {"mean": base["metrics"][m]["mean"], "std": 0.0, "n": 2}
     a, b = np.load(tmp_path / "samples_base.npy"), np.load(tmp_path / "samples_half.npy")
     assert a.shape == (3, 64, 64, 3) and not np.allclose(a, b)
+    maps = np.load(tmp_path / "maps_base.npy")  # the PSM maps of the grid's samples (16x16 latent grid)
+    assert maps.shape == (3, 16, 16) and maps.min() >= 0.0 and maps.max() <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["prompts"] == prompts
     md = (tmp_path / "report.md").read_text()
     for word in ["redness*", "toy_clip", "digit_accuracy", "color_match", "half", "comparison.png", "## Groups"]:

@@ -182,6 +182,7 @@ def toy_config(iterations: int, **over):
     c.log.ckpt_every = 1
     c.log.num_eval_prompts = 2
     c.log.tensorboard = False
+    c.log.phase_times = False
     c.lora.rank, c.lora.alpha, c.train.ema_decay = RANK, ALPHA, EMA
     c.optim.lr = 1e-3  # visible adapter changes in a few iterations
     for k, v in over.items():

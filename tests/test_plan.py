@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from vipo_jax.errors import ConfigError
-from vipo_jax.plan.devices import DEVICES, device
 from vipo_jax.plan.planner import table
+from vipo_jax.utils.devices import DEVICES, device
 
 
 def test_devices_and_mesh_parsing():

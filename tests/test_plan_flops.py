@@ -13,7 +13,7 @@ from vipo_jax.models.flux.packing import latent_image_ids, text_ids
 from vipo_jax.models.wan import WanConfig, WanTransformer
 from vipo_jax.models.wan.flops import wan_forward_flops
 from vipo_jax.nn.stack import unrolled_stacks
-from vipo_jax.plan.flops import iteration_flops
+from vipo_jax.training.throughput import iteration_flops
 
 
 def xla_flops(fn, *args) -> float:

@@ -19,7 +19,7 @@ def small(**over):
     c = flux.get_config("toy")
     c.train.iterations = 2
     c.sampling.prompts_per_iter, c.sampling.group_size, c.sampling.num_steps = 2, 2, 3
-    c.log.eval_every, c.log.ckpt_every, c.log.tensorboard = 0, 0, False
+    c.log.eval_every, c.log.ckpt_every, c.log.tensorboard, c.log.phase_times = 0, 0, False, False
     for k, v in over.items():
         section, name = k.split(".")
         c[section][name] = v
@@ -76,3 +76,37 @@ def test_missing_backbone_folder_says_what_to_download():
     for kind, hint in (("resnet", "microsoft/resnet-50"), ("sam", "facebook/sam-vit-base")):
         with pytest.raises(CheckpointError, match=hint):
             check_world_config(small(**{"psm.backbone_kind": kind}), files=True)
+
+
+def test_maps_cli_on_rendered_digits(tmp_path):
+    """`python -m vipo_jax.maps` on a folder of rendered toy digits: a map per image, the subject
+    (the digit) weighted above the background by the toy DINOv2 with the border sign rule."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from vipo_jax.toy import digits
+
+    images8, targets = digits.load_split("eval")
+    masks = []
+    (tmp_path / "in").mkdir()
+    for k in range(4):
+        img = digits.render(images8[k], "red", "blue")
+        masks.append(digits.render(images8[k], "white", "black")[..., 0] > 0.5)
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(tmp_path / "in" / f"d{k}.png")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "vipo_jax.maps", f"--images={tmp_path / 'in'}",
+                          f"--out={tmp_path / 'out'}", "--grid=16"], cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads((tmp_path / "out" / "maps.json").read_text())["maps"]
+    assert sorted(stats) == ["d0", "d1", "d2", "d3"] and (tmp_path / "out" / "maps.png").is_file()
+    for k, mask in enumerate(masks):
+        m = np.load(tmp_path / "out" / f"d{k}.map.npy")
+        assert m.shape == (16, 16)
+        cells = mask.reshape(16, 4, 16, 4).mean((1, 3)) > 0.5  # the digit's cells on the map grid
+        assert m[cells].mean() > m[~cells].mean() + 0.2, (k, m[cells].mean(), m[~cells].mean())
+    bad = subprocess.run([sys.executable, "-m", "vipo_jax.maps", f"--images={tmp_path / 'nope'}",
+                          f"--out={tmp_path / 'o2'}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr

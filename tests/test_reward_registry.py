@@ -54,8 +54,8 @@ def test_registered_reward_is_evaluated(blueness, tmp_path):
 
 def test_registered_reward_is_planned(blueness):
     from tests.sharding_world import tiny_config
-    from vipo_jax.plan.devices import device
     from vipo_jax.plan.planner import plan
+    from vipo_jax.utils.devices import device
 
     c = tiny_config(1)
     c.rewards.names, c.rewards.coefs = "redness,blueness", "1.0,0.5"

@@ -31,6 +31,7 @@ def small_config(iterations: int, **over):
     c.log.eval_every = 0
     c.log.ckpt_every = 2
     c.log.tensorboard = False
+    c.log.phase_times = False  # timed once in test_embedded_default_run
     for k, v in over.items():
         section, name = k.split(".")
         c[section][name] = v
@@ -115,4 +116,9 @@ def test_embedded_default_run(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     s = json.loads((tmp_path / "toy" / "summary.json").read_text())
     assert s["reward/redness/last10pct"] > s["reward/redness/first10pct"] + 0.05, s
+    # every phase timed once, with its FLOPs and MFU; the step's MFU per iteration too
+    for p in ("rollout", "decode", "rewards", "psm", "update"):
+        assert s[f"phase/{p}_s"] > 0 and s[f"phase/{p}_tflop"] > 0 and 0 < s[f"phase/{p}_mfu"] < 1.5, (p, s)
+    recs = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["throughput/mfu"] < 1.5 for r in recs if "loss" in r)
     assert sorted(p.name for p in (tmp_path / "toy" / "samples").glob("*.png"))

@@ -70,7 +70,14 @@ def make(cfg_over=None, reward=None):
 
 @pytest.mark.parametrize("over", [{}, {"logprob_reduction": "sample_mean"}, {"num_updates": 2, "micro_batch": 2},
                                   {"init_same_noise": False},
-                                  {"psm": None}, {"map_target": "reward"}])
+                                  {"psm": None}, {"map_target": "reward"},
+                                  {"sde_window": 2, "num_updates": 2},
+                                  {"sde_window": 3, "window_schedule": "random", "ode_solver": "dpm2"},
+                                  {"ode_solver": "ab2", "sde_window": 2, "window_fraction": 0.5},
+                                  {"ratio_norm": True, "num_updates": 2},
+                                  {"ratio_norm": True, "ratio_norm_reweight": False,
+                                   "logprob_reduction": "sample_mean"},
+                                  {"ratio_norm": True, "sde_window": 2, "map_target": "reward"}])
 def test_ratio_is_exactly_one_before_the_first_update(over):
     step, state, frozen, batch, _ = make(over)
     state, m = step(state, frozen, batch)
@@ -111,3 +118,16 @@ def test_sampler_is_deterministic_ode():
     b = sample(state["params"], frozen, batch["cond"], noise)
     assert a.shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sliding_window_moves_and_trains_only_its_sde_transitions():
+    """MixGRPO's window in the step: it slides one transition per iteration (window_every 1) over the
+    first S-1 = 5 transitions and rolls back; every trained transition was an SDE step."""
+    step, state, frozen, batch, _ = make({"sde_window": 2, "window_every": 1})
+    starts = []
+    for _ in range(5):
+        state, m = step(state, frozen, batch)
+        starts.append(int(m["window/start"]))
+        assert float(m["window/trained_sde_fraction"]) == 1.0
+        assert float(m["ratio_dev_first_update"]) == 0.0
+    assert starts == [0, 1, 2, 3, 0]

@@ -572,7 +572,7 @@ def test_tiny_videoalign_trains_in_the_video_toy_world(world, tmp_path):
     c.rewards.videoalign = str(world["full"])
     c.sampling.prompts_per_iter, c.sampling.group_size = 1, 2
     c.train.iterations = 2
-    c.log.eval_every, c.log.ckpt_every, c.log.tensorboard = 0, 0, False
+    c.log.eval_every, c.log.ckpt_every, c.log.tensorboard, c.log.phase_times = 0, 0, False, False
     train(c, tmp_path / "run", progress=False)
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]

@@ -83,6 +83,7 @@ def toy_config(**over):
     c.sampling.group_size = 4
     c.log.num_eval_prompts = 2
     c.log.tensorboard = False
+    c.log.phase_times = False
     c.sampling.guidance = 5.0  # the toy default runs without CFG; these tests check the CFG path
     for k, v in over.items():
         section, name = k.split(".")
@@ -127,8 +128,10 @@ def test_toy_world_shapes_and_cfg(toy_world):
     assert np.abs(neg[0]).max() > 0 and np.abs(neg[1:]).max() == 0.0
     text = np.asarray(b["cond"]["text"][0])  # 7 words + end token fill all 8 positions
     assert np.abs(text).max(axis=-1).min() > 0
-    assert set(w.rewards) == {"redness", "toy_clip", "digit_accuracy"}
-    assert set(w.metrics) == {"redness", "toy_clip", "digit_accuracy", "color_match"}
+    monitored = {"redness", "subject_redness", "background_redness", "subject_fraction", "toy_clip", "digit_accuracy",
+                 "digit_logprob", "digit_accuracy_eval"}
+    assert set(w.rewards) == monitored
+    assert set(w.metrics) == monitored | {"color_match"}
 
 
 def test_video_toy_step_cfg_ratio_is_one_and_rewards_per_frame(toy_world, toy_step):

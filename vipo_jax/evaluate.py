@@ -11,9 +11,11 @@ LoRA are read with their own ``config.json``'s LoRA settings (adapters merged in
 ``--use_ema`` evaluates the runs' EMA weights (``train.ema_decay > 0``) instead of their raw ones. Prompts come from
 ``--prompts`` (a text or JSONL file); without it the toy world uses its 54 held-out prompt
 combinations, a real world ``--config.data.eval_prompts``. Every metric the world knows is scored:
-the toy world's redness, toy CLIP score, digit accuracy and colour match; for FLUX.1 every reward
+every toy reward and metric in the toy world (redness, subject / background redness, toy CLIP,
+digit log-probability, digit accuracy by both classifiers, colour match); for FLUX.1 every reward
 model given a path (``--config.rewards.hpsv21=... --config.rewards.pickscore=...``), not only the
-trained one. Writes results.json, report.md, report.html, comparison.png and per-checkpoint grids.
+trained one. Writes results.json, report.md, report.html, comparison.png and per-checkpoint grids
+(with a row of the checkpoint's PSM maps over its samples; ``--nomaps`` skips them).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per jitted sampling cal
 _GRID = flags.DEFINE_integer("grid_prompts", 8, "prompts shown in the image grids")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "disable the progress bar")
 _USE_EMA = flags.DEFINE_bool("use_ema", False, "evaluate the runs' EMA weights (train.ema_decay > 0)")
+_MAPS = flags.DEFINE_bool("maps", True, "draw each checkpoint's PSM maps under its grid (with --config.psm.enabled; "
+                          "loads the PSM backbone)")
 
 
 def default_prompts(c) -> list[str]:
@@ -66,6 +70,8 @@ def main(argv: list[str]) -> None:
     enable_compilation_cache()
     try:
         c = _CONFIG.value
+        if not _MAPS.value:
+            c.psm.enabled = False
         prompts = default_prompts(c)
         if _NUM_PROMPTS.value:
             prompts = prompts[: _NUM_PROMPTS.value]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vipo_jax.utils.media import image_grid, save_png
+from vipo_jax.utils.media import heat_overlay, image_grid, save_png
 
 
 def safe_name(label: str) -> str:
@@ -23,13 +23,19 @@ def _frames(x: np.ndarray) -> np.ndarray:
     return x[:, x.shape[1] // 2] if x.ndim == 5 else x
 
 
-def save_grids(out: Path, samples: dict[str, np.ndarray], prompts: list[str], k: int) -> None:
-    """``grid_<label>.png`` per checkpoint and ``comparison.png`` (one row per checkpoint)."""
+def save_grids(out: Path, samples: dict[str, np.ndarray], prompts: list[str], k: int,
+               maps: dict[str, np.ndarray] | None = None) -> None:
+    """``grid_<label>.png`` per checkpoint (with a second row of its PSM maps over the samples,
+    when given) and ``comparison.png`` (one row per checkpoint)."""
     rows = []
+    maps = maps or {}
     for label, imgs in samples.items():
-        imgs = _frames(imgs)[:k]
-        save_png(out / f"grid_{safe_name(label)}.png", image_grid(imgs, cols=len(imgs)), scale=_scale(imgs))
-        rows.append(imgs)
+        shown = imgs[:k]
+        grid = _frames(shown)
+        if label in maps:
+            grid = np.concatenate([grid, _frames(heat_overlay(shown, maps[label][:k]))])
+        save_png(out / f"grid_{safe_name(label)}.png", image_grid(grid, cols=len(shown)), scale=_scale(grid))
+        rows.append(_frames(shown))
     if rows:
         both = np.concatenate(rows)
         save_png(out / "comparison.png", image_grid(both, cols=len(rows[0])), scale=_scale(both))

@@ -24,6 +24,7 @@ from vipo_jax.training.ema import ema_decay
 from vipo_jax.training.lora import initial_adapters, lora_config, merged_params
 from vipo_jax.training.run_dir import run_config
 from vipo_jax.training.step import make_sampler
+from vipo_jax.training.step_config import psm_options
 from vipo_jax.worlds import World, build_world
 
 EVAL_NOISE_SEED = 9876
@@ -80,7 +81,10 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
     table = world.encode(list(prompts))
     base_params = world.params
     policy = world.policy()
-    sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift))
+    sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift,
+                                   return_latents=True))
+    psm_opts = psm_options(c.psm) if c.psm.enabled and world.has_backbone else None
+    map_fn = None if psm_opts is None else jax.jit(lambda fr, s, x0: world.psm_maps(fr, s, x0, psm_opts))
     metric_fns = world.metrics
     score = jax.jit(lambda frozen, images, batch: {k: f(frozen, images, batch) for k, f in metric_fns.items()})
     n, bs = len(prompts), max(1, min(batch_size, len(prompts)))
@@ -91,6 +95,7 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
                                                                "shift": c.sampling.shift, "eta": 0.0},
                      "checkpoints": {}}
     samples: dict[str, np.ndarray] = {}
+    maps: dict[str, np.ndarray] = {}
     total = len(checkpoints) * len(seeds) * (-(-n // bs))
     bar = tqdm(total=total, desc="evaluate", disable=not progress, dynamic_ncols=True)
     for spec in checkpoints:
@@ -100,27 +105,33 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
         else:
             params, step, what = checkpoint_params(spec, policy, base_params)
         per_metric: dict[str, list[np.ndarray]] = {k: [] for k in metric_fns}
-        images_seed0 = None
+        images_seed0, maps_seed0 = None, None
         for seed in seeds:
             noise = eval_noise(seed, n, tuple(world.latent_shape))
             vals: dict[str, list[np.ndarray]] = {k: [] for k in metric_fns}
-            imgs_all = []
+            imgs_all, maps_all = [], []
             for start in range(0, n, bs):
                 idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping (one compile)
                 batch = table.rows(idx)
-                imgs = sampler(params, world.frozen, batch["cond"], noise[idx])
+                imgs, x0 = sampler(params, world.frozen, batch["cond"], noise[idx])
                 scores = jax.device_get(score(world.frozen, imgs, batch))
                 keep = min(bs, n - start)
                 for k, v in scores.items():
                     vals[k].append(np.asarray(v, np.float64)[:keep])
                 if seed == seeds[0]:
                     imgs_all.append(np.asarray(imgs)[:keep])
+                    if map_fn is not None and start < grid_prompts:
+                        maps_all.append(np.asarray(map_fn(world.frozen, imgs, x0))[:keep])
                 bar.update(1)
             for k in metric_fns:
                 per_metric[k].append(np.concatenate(vals[k]))
             if seed == seeds[0]:
                 images_seed0 = np.concatenate(imgs_all)
+                maps_seed0 = np.concatenate(maps_all) if maps_all else None
         samples[spec.label] = images_seed0
+        if maps_seed0 is not None:
+            maps[spec.label] = maps_seed0
+            np.save(out / f"maps_{safe_name(spec.label)}.npy", maps_seed0)
         stats = {k: _summary(np.stack(v), np.stack(v).mean(axis=1)) for k, v in per_metric.items()}
         per_prompt = {k: np.stack(v).mean(axis=0).round(6).tolist() for k, v in per_metric.items()}
         results["checkpoints"][spec.label] = {"path": spec.path, "group": spec.group, "step": step, **what,
@@ -130,7 +141,7 @@ def evaluate(c: mlc.ConfigDict, checkpoints: list[CheckpointSpec], prompts: list
         np.save(out / f"samples_{safe_name(spec.label)}.npy", images_seed0)
     bar.close()
     results["groups"] = group_stats(results)
-    save_grids(out, samples, prompts, grid_prompts)
+    save_grids(out, samples, prompts, grid_prompts, maps)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(out, results, grid_prompts)
     return results

@@ -56,8 +56,8 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py")
     from vipo_jax.errors import VipoError
-    from vipo_jax.plan.devices import device
     from vipo_jax.plan.planner import flops_check_line, plan, table
+    from vipo_jax.utils.devices import device
 
     c = _CONFIG.value
     try:

@@ -17,12 +17,12 @@ import optax
 
 from vipo_jax import sharding as shd
 from vipo_jax.nn.stack import unrolled_stacks
-from vipo_jax.plan.devices import Device
-from vipo_jax.plan.flops import iteration_flops
 from vipo_jax.training.checks import check_config
 from vipo_jax.training.optim import make_optimizer
 from vipo_jax.training.run import init_state
 from vipo_jax.training.step import jit_train_step, train_step_for
+from vipo_jax.training.throughput import iteration_flops
+from vipo_jax.utils.devices import Device
 from vipo_jax.worlds import build_world
 
 GiB = 2**30

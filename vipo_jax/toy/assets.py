@@ -35,7 +35,8 @@ def assets_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def load(name: str, root: str | os.PathLike | None = None, **overrides):
-    """One toy model by folder name: transformer, vae, text_encoder_2, clip, dinov2, classifier."""
+    """One toy model by folder name: transformer, vae, text_encoder_2, clip, dinov2, classifier,
+    classifier_eval (the second, independently trained digit classifier)."""
     root = Path(root) if root else ASSETS
     folder = root / name
     if name == "transformer":
@@ -48,7 +49,7 @@ def load(name: str, root: str | os.PathLike | None = None, **overrides):
         return load_native(folder, "clip", CLIPConfig, CLIPModel, **overrides)
     if name == "dinov2":
         return load_native(folder, "dinov2", Dinov2Config, Dinov2Model, **overrides)
-    if name == "classifier":
+    if name in ("classifier", "classifier_eval"):
         return load_native(folder, "digit_classifier", DigitClassifierConfig, DigitClassifier, **overrides)
     raise ValueError(f"unknown toy model {name!r}")
 

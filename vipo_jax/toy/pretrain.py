@@ -4,7 +4,9 @@ Stages (each writes ``DIR/<name>/`` in vipo_jax's native layout and can be re-ru
 ``--stages``): tokenizers, t5 (random, frozen like a pretrained encoder), vae (reconstruction),
 clip (contrastive on image/caption pairs: the toy CLIP reward and Flux's pooled text encoder),
 dinov2 (the PSM backbone: trained to tell the digit's patches from the background and to read
-digit and colours from the CLS token), classifier (reads the digit), transformer (the Flux DiT,
+digit and colours from the CLS token), classifier (reads the digit), classifier_eval (a second
+classifier, trained independently: other seed, other batches, wider layers; it evaluates runs that
+train on the first one's log-probability, ``digit_logprob``), transformer (the Flux DiT,
 rectified flow on VAE latents conditioned on T5 + CLIP text). The committed default assets were
 made with the default arguments; the whole run took 19 minutes on 2 idle CPU cores
 (``assets/pretrain_report.json``).
@@ -50,7 +52,7 @@ from vipo_jax.utils.media import image_grid, save_png
 from vipo_jax.weights.native import save_native
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-STAGES = ("tokenizers", "t5", "vae", "clip", "dinov2", "classifier", "transformer")
+STAGES = ("tokenizers", "t5", "vae", "clip", "dinov2", "classifier", "classifier_eval", "transformer")
 
 _OUT = flags.DEFINE_string("out", str(ASSETS), "output folder")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "stages to run")
@@ -203,10 +205,11 @@ def stage_dinov2(data: Data, out: Path, scale: float, seed: int) -> dict:
     return {"final_loss": float(np.mean(losses[-50:]))}
 
 
-def stage_classifier(data: Data, out: Path, scale: float, seed: int) -> dict:
-    cfg = DigitClassifierConfig()
-    model = DigitClassifier(cfg, rngs=nnx.Rngs(seed + 4))
-    rng = np.random.default_rng(seed + 4)
+def stage_classifier(data: Data, out: Path, scale: float, seed: int, *, name: str = "classifier",
+                     cfg: DigitClassifierConfig | None = None, offset: int = 4) -> dict:
+    cfg = cfg or DigitClassifierConfig()
+    model = DigitClassifier(cfg, rngs=nnx.Rngs(seed + offset))
+    rng = np.random.default_rng(seed + offset)
 
     def loss_fn(m, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
@@ -215,8 +218,8 @@ def stage_classifier(data: Data, out: Path, scale: float, seed: int) -> dict:
         idx, x = data.batch(rng, 64)
         return x, jnp.asarray(data.labels[idx, 0])
 
-    losses = fit(model, loss_fn, batch, int(600 * scale), 2e-3, "classifier", wd=1e-4)
-    save_native(model, out / "classifier", cfg, kind="digit_classifier")
+    losses = fit(model, loss_fn, batch, int(600 * scale), 2e-3, name, wd=1e-4)
+    save_native(model, out / name, cfg, kind="digit_classifier")
     ev = sample_dataset(512, seed=seed + 200, split="eval", prompt_split=None)
     acc = float(np.mean(np.asarray(jnp.argmax(jax.jit(model)(ev.images), -1)) == ev.labels[:, 0]))
     return {"final_loss": float(np.mean(losses[-50:])), "eval_accuracy": acc}
@@ -291,7 +294,7 @@ def main(argv: list[str]) -> None:
     report_path = out / "pretrain_report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     t_all = time.perf_counter()
-    need_data = set(_STAGES.value) & {"vae", "clip", "dinov2", "classifier", "transformer"}
+    need_data = set(_STAGES.value) & {"vae", "clip", "dinov2", "classifier", "classifier_eval", "transformer"}
     data = None
     if need_data:
         t = time.perf_counter()
@@ -314,6 +317,9 @@ def main(argv: list[str]) -> None:
             r = stage_dinov2(data, out, s, seed)
         elif stage == "classifier":
             r = stage_classifier(data, out, s, seed)
+        elif stage == "classifier_eval":
+            r = stage_classifier(data, out, s, seed, name="classifier_eval", offset=44,
+                                 cfg=DigitClassifierConfig(channels=(24, 32, 32), hidden=48))
         else:
             r = stage_transformer(data, out, s, seed)
         r["seconds"] = round(time.perf_counter() - t, 1)

@@ -4,6 +4,11 @@ entries in the reward registry (``vipo_jax.rewards.registry``; the pixel reward 
 
 - ``toy_clip`` (reward): cosine of the toy CLIP's image and caption features.
 - ``digit_accuracy`` (metric): 1 where the toy digit classifier reads the prompted digit.
+- ``digit_logprob`` (reward): the classifier's log-probability of the prompted digit (a structure
+  reward: it rises when the digit is drawn more legibly).
+- ``digit_accuracy_eval`` (metric): ``digit_accuracy`` read by a second, independently trained
+  classifier (``classifier_eval``), so a run that trains on the first one's log-probability is not
+  graded by the model it optimised.
 - ``color_match`` (metric): whether an image's dominant foreground / background colors are the prompted ones.
   Background color = per-channel median of the border pixels (a 4-pixel ring at 64x64; the
   digits keep a margin); foreground color = mean of the 10% of pixels farthest (Euclidean RGB)
@@ -128,18 +133,35 @@ def _load_toy_clip(ctx: RewardContext) -> LoadedReward:
                         input_specs={"clip_ids": jax.ShapeDtypeStruct((CLIP_MAX_LENGTH,), jnp.int32)})
 
 
-def _load_digit_accuracy(ctx: RewardContext) -> LoadedReward:
-    graphdef, params = nnx.split(assets.load("classifier", assets.assets_dir(ctx.toy_assets)))
+def _classifier_reward(folder: str, fn: Any) -> Any:
+    """A reward of a toy classifier's logits: ``fn(logits, digits) -> (B,)``; videos per frame."""
+    def load(ctx: RewardContext) -> LoadedReward:
+        graphdef, params = nnx.split(assets.load(folder, assets.assets_dir(ctx.toy_assets)))
 
-    def score(p, images, batch):
-        clf = nnx.merge(graphdef, p)
-        return (jnp.argmax(clf(images), -1) == batch["labels"][:, 0]).astype(jnp.float32)
+        def score(p, images, batch):
+            return fn(nnx.merge(graphdef, p)(images), batch["labels"][:, 0])
 
-    def video_score(p, videos, batch):
-        return jnp.mean(digit_accuracy_frames(nnx.merge(graphdef, p), videos, batch["labels"][:, 0]), axis=1)
+        def video_score(p, videos, batch):
+            clf = nnx.merge(graphdef, p)
+            frames = per_frame_scores(lambda _, im, rows: fn(clf(im), rows["d"]), None, videos,
+                                      {"d": batch["labels"][:, 0]}, size=READOUT_SIZE)
+            return jnp.mean(frames, axis=1)
 
-    return LoadedReward(score=score, params=params, video_score=video_score, prompt_inputs=labels_of,
-                        input_specs=_LABELS)
+        return LoadedReward(score=score, params=params, video_score=video_score, prompt_inputs=labels_of,
+                            input_specs=_LABELS, params_key=f"reward/{folder}")
+
+    return load
+
+
+def digit_logprob(logits: jax.Array, digits: jax.Array) -> jax.Array:
+    """(B,) log-softmax of the classifier's logits at the prompted digit."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, digits[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def digit_hits(logits: jax.Array, digits: jax.Array) -> jax.Array:
+    """(B,) 1 where the classifier's argmax is the prompted digit."""
+    return (jnp.argmax(logits, -1) == digits).astype(jnp.float32)
 
 
 def _load_color_match(ctx: RewardContext) -> LoadedReward:
@@ -154,9 +176,15 @@ def _load_color_match(ctx: RewardContext) -> LoadedReward:
 
 register(RewardEntry("toy_clip", _load_toy_clip, "toy CLIP: cosine of the toy CLIP's image and caption features",
                      sources=("toy",), monitor=True))
-register(RewardEntry("digit_accuracy", _load_digit_accuracy,
+register(RewardEntry("digit_accuracy", _classifier_reward("classifier", digit_hits),
                      "1 where the toy digit classifier reads the prompted digit (the structure metric)",
                      sources=("toy",), trainable=False, monitor=True))
 register(RewardEntry("color_match", _load_color_match,
                      "half a point each for the prompted foreground and background colours",
                      sources=("toy",), trainable=False))
+register(RewardEntry("digit_logprob", _classifier_reward("classifier", digit_logprob),
+                     "log-probability of the prompted digit under the toy classifier (a structure reward)",
+                     sources=("toy",), monitor=True))
+register(RewardEntry("digit_accuracy_eval", _classifier_reward("classifier_eval", digit_hits),
+                     "digit_accuracy read by a second, independently trained classifier (grades digit_logprob runs)",
+                     sources=("toy",), trainable=False, monitor=True))

@@ -39,7 +39,8 @@ from vipo_jax.training.metrics_log import MetricsWriter, read_metrics
 from vipo_jax.training.optim import make_optimizer
 from vipo_jax.training.step import jit_train_step, make_sampler, train_step_for
 from vipo_jax.training.step_config import StepConfig
-from vipo_jax.utils.media import plot_curves, save_samples
+from vipo_jax.training.throughput import phase_report, profile_phases
+from vipo_jax.utils.media import heat_overlay, plot_curves, save_samples
 from vipo_jax.worlds import BASE_KEY, World, build_world
 
 
@@ -205,6 +206,7 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
     world = world or build_world(c, sharding=shd.LogicalSharding(rules, mesh))
     optimizer = make_optimizer(c)
     lora, decay = lora_config(c), ema_decay(c)
+    forward_flops = world.family.forward_flops(c, world.policy())  # one policy forward, one sample
     params = world.params  # the trained params: the policy's full state, or under LoRA its adapters
     if lora.enabled:
         world, params, paths = world.with_lora(lora, c.seed)
@@ -242,16 +244,29 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
             print(f"resumed from {ckpt.dir} at iteration {start}")
 
     summary: dict = {}
-    step_fn, pending = None, None
+    step_fn, pending, profile = None, None, None
     if start < c.train.iterations:
         # The first batch fixes the batch shardings; it is the first iteration's batch.
         pending = next_batch()
         step_fn, info = compile_for(pending)
         summary.update(info)
+        if c.log.get("phase_times", True):  # each phase jitted alone once: times, FLOPs, MFU
+            full = world.full_params(state["params"], world.frozen) if lora.enabled else state["params"]
+            profile = profile_phases(world, step_cfg, full, world.frozen, pending, micro_batch=c.train.micro_batch,
+                                     remat=c.model.remat, forward_flops=forward_flops)
+            if main:
+                print(f"phases timed; MFU against the {profile['_peak_source']} "
+                      f"({profile['phase/peak_tflops']:.3g} TFLOP/s)", flush=True)
+    step_times: list[float] = []
     rep = shd.replicated(mesh)
     sampler = jax.jit(make_sampler(world.velocity_fn, world.decode_fn, c.sampling.num_steps, c.sampling.shift,
-                                   policy_params=policy_params),
+                                   policy_params=policy_params, return_latents=True),
                       in_shardings=(state_sh["params"], frozen_sh, rep, rep), out_shardings=rep)
+    # the evaluation grids show the PSM's maps under the samples (the map itself, whatever the control)
+    map_fn = None
+    if step_cfg.psm is not None and world.has_backbone:
+        opts = step_cfg.psm
+        map_fn = jax.jit(lambda fr, s, x0: world.psm_maps(fr, s, x0, opts), out_shardings=rep)
     use_ema = decay > 0 and bool(c.log.get("eval_ema", True))
 
     def eval_params(state: dict) -> Any:
@@ -265,13 +280,18 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
         (workdir / "samples").mkdir(exist_ok=True)
 
     def evaluate(it: int, params) -> dict:
-        imgs = shd.fetch(sampler(params, world.frozen, eval_cond, eval_noise))
+        imgs_d, x0 = sampler(params, world.frozen, eval_cond, eval_noise)
+        maps = shd.fetch(map_fn(world.frozen, imgs_d, x0)) if map_fn is not None else None
+        imgs = shd.fetch(imgs_d)
         metrics = world.eval_metrics(imgs)
         if main:
             np.save(workdir / "samples" / f"eval_{it:06d}.npy", imgs)
             base = workdir / "samples" / f"eval_{0:06d}.npy"
-            row = [np.load(base)] if base.exists() and it > 0 else []
-            save_samples(workdir / "samples" / f"eval_{it:06d}", np.concatenate(row + [imgs]), cols=len(imgs),
+            rows = ([np.load(base)] if base.exists() and it > 0 else []) + [imgs]
+            if maps is not None:  # a third row: the maps over the samples
+                np.save(workdir / "samples" / f"maps_{it:06d}.npy", maps)
+                rows.append(heat_overlay(imgs, maps))
+            save_samples(workdir / "samples" / f"eval_{it:06d}", np.concatenate(rows), cols=len(imgs),
                          scale=world.options.png_scale, fps=world.options.fps)  # .png, or .gif for videos
         return metrics
 
@@ -292,6 +312,10 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
             now = time.perf_counter()
             metrics["time/step_s"] = now - t_last
             t_last = now
+            step_times.append(metrics["time/step_s"])
+            if profile is not None:
+                total = sum(v for k, v in profile.items() if k.endswith("_tflop") and "recompute" not in k)
+                metrics["throughput/mfu"] = total / metrics["time/step_s"] / profile["phase/peak_tflops"]
             done = it + 1
             if metrics["updates_skipped"] > 0 and main:
                 tqdm.write(f"iteration {done}: skipped {int(metrics['updates_skipped'])} update(s) with a "
@@ -319,6 +343,12 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
                 break
         bar.close()
     final = int(shd.fetch(state["step"]))
+    if profile is not None and step_times:  # the first iteration's time holds a warm-up
+        typical = float(np.median(step_times[1:] if len(step_times) > 1 else step_times))
+        phases = phase_report(profile, typical)
+        summary.update(phases)
+        summary["phase/peak_source"] = profile["_peak_source"]
+        writer.write(final, phases)
     if not summary.get("stopped_early"):
         if ckpt.latest_step() != final:
             save(final)

@@ -51,7 +51,7 @@ def merge_micro_batches(a: Array, axis: int = 0) -> Array:
     return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
 
 
-def _chunked(fn: Callable, x_batch: int, mb: int):
+def in_micro_batches(fn: Callable, x_batch: int, mb: int):
     """Run ``fn(*batched_args)`` in micro-batches of ``mb`` along axis 0 (same shape every call)."""
     if mb in (0, x_batch):
         return fn
@@ -81,7 +81,10 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
     names = tuple(n for n, _ in cfg.rewards)
     video = len(latent_shape) == 4
 
-    def rollout_and_score(policy, frozen, batch, k_noise, k_sde):
+    windowed_rollout = cfg.windowed or cfg.ode_solver != "euler" or cfg.ratio_norm
+
+    def rollout_and_score(policy, frozen, batch, k_noise, k_sde, mask=None):
+        """``mask``: the (S,) SDE steps of a windowed rollout (None: every trainable step)."""
         P = jax.tree.leaves(batch["cond"])[0].shape[0]
         B = P * G
         mb = cfg.micro_batch or B // cfg.num_updates
@@ -93,10 +96,16 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
         else:
             x_init = jax.random.normal(k_noise, (B,) + tuple(latent_shape), jnp.float32)
         x_init = constrain_batch(x_init)
-        vel_mb = _chunked(lambda x, s, c: velocity_fn(policy, x, s, c), B, mb)
-        ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
+        vel_mb = in_micro_batches(lambda x, s, c: velocity_fn(policy, x, s, c), B, mb)
+        if windowed_rollout:  # the SDE in a window (MixGRPO); the rollout policy's means for RatioNorm
+            ro = rl.rollout_windowed(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde,
+                                     rl.sde_mask(0, cfg.num_steps, 0) if mask is None else mask,
+                                     ode_solver=cfg.ode_solver, return_means=cfg.ratio_norm)
+        else:
+            ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
         old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
+        means = jax.lax.stop_gradient(ro["means"]) if cfg.ratio_norm else None
 
         # --- decode, reward, PSM ---------------------------------------------------------------
         images = constrain_batch(decode_fn(frozen, constrain_batch(ro["x0"])))
@@ -119,7 +128,7 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
         else:
             adv = jnp.stack([rl.group_advantages(rewards[n], G) for n in names])
         return {"cond": cond, "latents": latents, "old_logp": old_logp, "images": images, "rewards": rewards,
-                "map": amap, "adv": adv}
+                "map": amap, "adv": adv, "means": means}
 
     return rollout_and_score
 
@@ -136,6 +145,7 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
     sigmas = rl.sigma_schedule(cfg.num_steps, cfg.shift)
     K = cfg.num_train_timesteps
     coefs = jnp.asarray([c for _, c in cfg.rewards], jnp.float32)
+    step_weight_ref = rl.mean_step_weight(sigmas)
 
     def update(params, opt_state, nonfinite, full, ro, ts):
         B = ts.shape[0]
@@ -152,6 +162,7 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
         ts_j, cond_j = by_mb(ts), jax.tree.map(by_mb, ro["cond"])
         lat_j, old_j = by_mb(ro["latents"], 1), by_mb(ro["old_logp"], 1)
         adv_j, amap_j = by_mb(ro["adv"], 1), None if amap is None else by_mb(amap)
+        means_j = by_mb(ro["means"], 1) if cfg.ratio_norm else None
 
         def at_t(a, t):
             """``a[t[i], i]`` for each sample i of a (T, mb, ...) micro-batch (a batch-parallel gather)."""
@@ -163,8 +174,11 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
             c = constrain_batch(jax.tree.map(lambda a: a[j], cond_j))
             lat = lat_j[:, j]
             x_t, x_next = constrain_batch((at_t(lat, t), at_t(lat, t + 1)))
-            logp = rl.step_logprob(lambda x, s, cc: velocity_fn(full(p), x, s, cc), x_t, x_next,
-                                   sigmas[t], sigmas[t + 1], cfg.eta, c)
+            vel = lambda x, s, cc: velocity_fn(full(p), x, s, cc)  # noqa: E731
+            if cfg.ratio_norm:
+                logp, mean, std = rl.guard_transition(vel, x_t, x_next, sigmas[t], sigmas[t + 1], cfg.eta, c)
+            else:
+                logp = rl.step_logprob(vel, x_t, x_next, sigmas[t], sigmas[t + 1], cfg.eta, c)
             # Before the first update the parameters are the rollout's, so the old log-prob is this
             # very value: the ratio is exactly 1 by construction. Later updates use the rollout's
             # log-probs; their float32 agreement with the recomputation is logged as rollout_gap.
@@ -173,10 +187,21 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
                                   - rl.reduce_logprob(jax.lax.stop_gradient(logp), cfg.logprob_reduction)))
             gap = jnp.where(first_update, gap, 0.0)  # later updates differ by the policy change itself
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), rollout_lp)
+            logp_new, adv, amap_k, target, clip_max = logp, adv_j[:, j], None if amap_j is None else amap_j[j], \
+                cfg.map_target, cfg.adv_clip_max
+            if cfg.ratio_norm:  # GRPO-Guard: s*(log-ratio) + dmu^2/(2s), fed as the log-ratio against 0
+                mean_old = jnp.where(first_update, jax.lax.stop_gradient(mean), at_t(means_j[:, j], t))
+                logp_new = rl.ratio_norm_elementwise(logp, logp_old, mean, mean_old, std)
+                logp_old = jnp.zeros_like(logp_new)
+                if cfg.ratio_norm_reweight:  # 1/dt loss weights (mean 1): the map and clamp applied first
+                    w = rl.step_weight(sigmas[t], sigmas[t + 1], reference=step_weight_ref)
+                    adv = jnp.stack([rl.pixel_advantages(a, amap_k, map_target=cfg.map_target,
+                                                         adv_clip_max=cfg.adv_clip_max) for a in adv])
+                    adv = adv * w.reshape((1, -1) + (1,) * (adv.ndim - 2))
+                    amap_k, target, clip_max = None, "reward", jnp.inf
             loss, m = rl.policy_loss(
-                logp, logp_old, adv_j[:, j], None if amap_j is None else amap_j[j],
-                logprob_reduction=cfg.logprob_reduction, map_target=cfg.map_target,
-                clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, reward_coefs=coefs)
+                logp_new, logp_old, adv, amap_k, logprob_reduction=cfg.logprob_reduction, map_target=target,
+                clip_range=cfg.clip_range, adv_clip_max=clip_max, reward_coefs=coefs)
             aux = {"clip_fraction": m["clip_fraction"], "approx_kl": m["approx_kl"],
                    "ratio_mean": m["ratio_mean"], "adv_abs_mean": m["adv_abs_mean"],
                    "ratio_dev": jnp.maximum(m["ratio_max"] - 1.0, 1.0 - m["ratio_min"]), "rollout_gap": gap}
@@ -266,20 +291,34 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
                                                reward_fns=reward_fns, feature_fn=feature_fn,
                                                latent_shape=latent_shape)
     update = make_policy_update(cfg, velocity_fn=velocity_fn, optimizer=optimizer)
+    sigmas = rl.sigma_schedule(cfg.num_steps, cfg.shift)
 
     def step(state, frozen, batch):
         full = (lambda p: p) if policy_params is None else (lambda p: policy_params(p, frozen))
         rng, k_noise, k_sde, k_ts = jax.random.split(state["rng"], 4)
-        ro = rollout_and_score(full(state["params"]), frozen, batch, k_noise, k_sde)
+        start, mask = None, None
+        if cfg.windowed:  # MixGRPO: the SDE window of this iteration
+            key = state["step"] if cfg.window_schedule == "sliding" else jax.random.fold_in(k_ts, 1)
+            start = rl.window_start(key, cfg.num_steps, cfg.sde_window, cfg.window_schedule,
+                                    stride=cfg.window_stride, every=cfg.window_every)
+            mask = rl.sde_mask(start, cfg.num_steps, cfg.sde_window)
+        ro = rollout_and_score(full(state["params"]), frozen, batch, k_noise, k_sde, mask)
         B = ro["latents"].shape[1]
-        ts = rl.sample_train_timesteps(k_ts, B, cfg.num_steps, cfg.timestep_fraction)  # (B, K)
+        if cfg.windowed:
+            ts = rl.window_train_timesteps(k_ts, B, start, cfg.sde_window, cfg.window_fraction)  # (B, K)
+        else:
+            ts = rl.sample_train_timesteps(k_ts, B, cfg.num_steps, cfg.timestep_fraction)  # (B, K)
         params, opt_state, nonfinite, ms = update(state["params"], state["opt_state"], state["nonfinite"], full,
                                                   ro, ts)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": rng, "nonfinite": nonfinite}
         if ema_decay > 0:
             new_state["ema"] = update_ema(state["ema"], params, ema_decay, jnp.any(ms["skipped"] == 0))
-        return new_state, step_metrics(ms, ro, nonfinite)
+        metrics = step_metrics(ms, ro, nonfinite)
+        if cfg.windowed:
+            metrics.update(rl.window_metrics(start, sigmas, cfg.sde_window))
+            metrics["window/trained_sde_fraction"] = rl.trained_sde_fraction(mask, ts)
+        return new_state, metrics
 
     return step
 
@@ -307,9 +346,10 @@ def jit_train_step(step: Callable, *, state_shardings: Any, frozen_shardings: An
 
 
 def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shift: float,
-                 policy_params: Callable[[Any, Any], Any] | None = None):
-    """Deterministic ODE sampling (eta = 0) for evaluation: (params, frozen, cond, noise) -> images.
-    ``policy_params`` as in :func:`make_train_step` (the same merge the training step uses)."""
+                 policy_params: Callable[[Any, Any], Any] | None = None, *, return_latents: bool = False):
+    """Deterministic ODE sampling (eta = 0) for evaluation: (params, frozen, cond, noise) -> images
+    (and the clean latents they were decoded from, with ``return_latents``). ``policy_params`` as in
+    :func:`make_train_step` (the same merge the training step uses)."""
     sigmas = rl.sigma_schedule(num_steps, shift)
 
     def sample(params, frozen, cond, noise):
@@ -317,6 +357,7 @@ def make_sampler(velocity_fn: Callable, decode_fn: Callable, num_steps: int, shi
             params = policy_params(params, frozen)
         ro = rl.rollout(lambda x, s, c: velocity_fn(params, x, s, c), noise, cond, sigmas, 0.0,
                         jax.random.PRNGKey(0), deterministic=True)
-        return decode_fn(frozen, ro["x0"])
+        images = decode_fn(frozen, ro["x0"])
+        return (images, ro["x0"]) if return_latents else images
 
     return sample

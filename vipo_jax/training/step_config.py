@@ -23,13 +23,24 @@ KEYS = {
     "num_updates": "train.num_updates", "micro_batch": "train.micro_batch", "clip_range": "train.clip_range",
     "adv_clip_max": "train.adv_clip_max", "logprob_reduction": "train.logprob_reduction",
     "map_target": "train.map_target", "init_same_noise": "sampling.init_same_noise",
+    "sde_window": "sampling.sde_window", "window_schedule": "sampling.window_schedule",
+    "window_stride": "sampling.window_stride", "window_every": "sampling.window_every",
+    "ode_solver": "sampling.ode_solver", "window_fraction": "train.window_fraction",
+    "ratio_norm": "train.ratio_norm", "ratio_norm_reweight": "train.ratio_norm_reweight",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """``psm``: the PSM's options, or ``None`` for plain GRPO (every position weighted 1, the
-    DanceGRPO baseline). ``rewards``: ``((name, coefficient), ...)``, one advantage each."""
+    DanceGRPO baseline). ``rewards``: ``((name, coefficient), ...)``, one advantage each.
+
+    Faster sampling (MixGRPO, docs/METHOD.md §1): ``sde_window`` > 0 samples with the SDE only in
+    a window of that many transitions (``window_schedule`` sliding by ``window_stride`` every
+    ``window_every`` iterations, or random) and trains ``window_fraction`` of the window's
+    transitions; ``ode_solver`` (euler | dpm2 | ab2) takes the steps outside it. ``ratio_norm``:
+    GRPO-Guard's normalisation of each transition's log-ratio (``ratio_norm_reweight``: its 1/dt
+    loss weights, normalised to mean 1 over the trainable transitions)."""
 
     num_steps: int
     shift: float
@@ -45,6 +56,14 @@ class StepConfig:
     psm: rl.PSMOptions | None = dataclasses.field(default_factory=rl.PSMOptions)
     init_same_noise: bool = True
     rewards: tuple[tuple[str, float], ...] = (("reward", 1.0),)
+    sde_window: int = 0
+    window_schedule: str = "sliding"
+    window_stride: int = 1
+    window_every: int = 25
+    ode_solver: str = "euler"
+    window_fraction: float = 1.0
+    ratio_norm: bool = False
+    ratio_norm_reweight: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -79,9 +98,29 @@ class StepConfig:
             raise bad("map_target", f"is not one of {', '.join(rl.MAP_TARGETS)}")
         if not self.rewards:
             raise ConfigError("--config.rewards.names is empty: name at least one reward")
+        if not 0 <= int(self.sde_window) <= self.num_steps - 1:
+            raise bad("sde_window", f"must be in 0..{self.num_steps - 1} (0: the SDE on every trainable step)")
+        if self.window_schedule not in rl.WINDOW_SCHEDULES:
+            raise bad("window_schedule", f"is not one of {', '.join(rl.WINDOW_SCHEDULES)}")
+        if int(self.window_stride) < 0 or int(self.window_every) < 1:
+            raise ConfigError("--config.sampling.window_stride must be >= 0 and window_every >= 1")
+        if self.ode_solver not in rl.ODE_SOLVERS:
+            raise bad("ode_solver", f"is not one of {', '.join(rl.ODE_SOLVERS)}")
+        if not 0 < self.window_fraction <= 1:
+            raise bad("window_fraction", "must be in (0, 1]")
+        if self.windowed and int(self.sde_window * self.window_fraction) < 1:
+            raise ConfigError(f"--config.train.window_fraction={self.window_fraction} of a {self.sde_window}-step "
+                              "window trains no transition: raise one of them")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the SDE runs only inside a window (MixGRPO)."""
+        return int(self.sde_window) > 0
 
     @property
     def num_train_timesteps(self) -> int:
+        if self.windowed:
+            return int(self.sde_window * self.window_fraction)
         return int((self.num_steps - 1) * self.timestep_fraction)
 
     @property
@@ -115,7 +154,12 @@ class StepConfig:
                   timestep_fraction=float(t.timestep_fraction), num_updates=int(t.num_updates),
                   micro_batch=int(t.micro_batch), clip_range=float(t.clip_range), adv_clip_max=float(t.adv_clip_max),
                   logprob_reduction=str(t.logprob_reduction), map_target=str(t.map_target), psm=psm,
-                  init_same_noise=bool(s.init_same_noise), rewards=reward_weights(c))
+                  init_same_noise=bool(s.init_same_noise), rewards=reward_weights(c),
+                  sde_window=int(s.get("sde_window", 0)), window_schedule=str(s.get("window_schedule", "sliding")),
+                  window_stride=int(s.get("window_stride", 1)), window_every=int(s.get("window_every", 25)),
+                  ode_solver=str(s.get("ode_solver", "euler")), window_fraction=float(t.get("window_fraction", 1.0)),
+                  ratio_norm=bool(t.get("ratio_norm", False)),
+                  ratio_norm_reweight=bool(t.get("ratio_norm_reweight", True)))
         cfg.check_batch(int(s.prompts_per_iter))
         return cfg
 

@@ -102,3 +102,25 @@ def save_samples(path_stem: str | os.PathLike, samples01: np.ndarray, cols: int 
         path = stem.with_name(stem.name + ".png")
         save_png(path, image_grid(samples01, cols=cols), scale=scale)
     return path
+
+
+def heat_overlay(samples01: np.ndarray, maps01: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """PSM maps drawn over their samples: ``samples01`` (n, H, W, 3) or videos (n, T, H, W, 3) in
+    [0, 1], ``maps01`` (n, h, w) or (n, t, h, w) in [0, 1] (a latent grid, upsampled here by
+    nearest neighbour, frames by nearest time); the map's heat colours (low: dark blue, high:
+    yellow) blended over the sample with weight ``alpha``. Same shape as ``samples01``."""
+    import matplotlib
+
+    samples01 = np.asarray(samples01, np.float32)
+    maps01 = np.clip(np.asarray(maps01, np.float32), 0.0, 1.0)
+    video = samples01.ndim == 5
+    if video:
+        t, m_t = samples01.shape[1], maps01.shape[1]
+        maps01 = maps01[:, np.minimum((np.arange(t) * m_t) // t, m_t - 1)]
+    h, w = samples01.shape[-3:-1]
+    mh, mw = maps01.shape[-2:]
+    rows = np.minimum((np.arange(h) * mh) // h, mh - 1)
+    cols = np.minimum((np.arange(w) * mw) // w, mw - 1)
+    up = maps01[..., rows, :][..., cols]
+    heat = matplotlib.colormaps["viridis"](up)[..., :3].astype(np.float32)
+    return (1.0 - alpha) * samples01 + alpha * heat

@@ -58,7 +58,7 @@ def check_world_config(c: mlc.ConfigDict, source: str | None = None, *, evaluati
     family.check_config(c)
     entries = _reward_entries(c, source, evaluation)
     backbone = None
-    if c.psm.enabled and not evaluation:
+    if c.psm.enabled:
         backbone = backbones.get(str(c.psm.get("backbone_kind", "dinov2")))
         if source not in backbone.sources:
             raise ConfigError(f"--config.psm.backbone_kind={backbone.name!r} cannot be loaded from the {source} "
@@ -79,8 +79,8 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
                 evaluation: bool = False) -> World:
     """The world of ``c.model.family`` with weights from ``source`` (default: ``c.world``'s).
     ``sharding`` (a ``load_into`` sharding function such as ``vipo_jax.sharding.LogicalSharding``)
-    places big checkpoints as they load. ``evaluation``: a world for ``evaluate`` (no PSM backbone;
-    a pretrained world's metrics are every reward model the config gives a path for)."""
+    places big checkpoints as they load. ``evaluation``: a world for ``evaluate`` (a pretrained
+    world's metrics are every reward model the config gives a path for)."""
     source = source or source_of(c)
     if source not in SOURCES:
         raise ConfigError(f"unknown weight source {source!r}; use one of {', '.join(SOURCES)}")
@@ -99,7 +99,7 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
     ctx = RewardContext(c, source, toy_assets=evaluators, sharding=sharding, dtype=reward_dtype)
     loaded = {name: entry.load(ctx) for name, entry in entries.items()}
     backbone, backbone_entry = None, None
-    if c.psm.enabled and not evaluation:
+    if c.psm.enabled:
         bctx = BackboneContext(c, source, toy_assets=evaluators, sharding=sharding, dtype=c.model.dtype)
         backbone_entry = backbones.get(str(c.psm.get("backbone_kind", "dinov2")))
         backbone = backbone_entry.load(bctx)

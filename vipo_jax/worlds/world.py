@@ -26,6 +26,7 @@ from vipo_jax.data.prompts import PromptLoader
 from vipo_jax.errors import ConfigError
 from vipo_jax.nn.lora import LoraConfig, add_lora
 from vipo_jax.rewards.frames import map_frames, resize_frames
+from vipo_jax.rl.psm import PSMOptions, psm_map, psm_map_video
 from vipo_jax.worlds.family import Family, WorldOptions
 from vipo_jax.worlds.metrics import eval_means
 
@@ -142,6 +143,15 @@ class World:
     @property
     def has_backbone(self) -> bool:
         return self.backbone is not None
+
+    def psm_maps(self, frozen: Mapping[str, Any], samples: jax.Array, latents: jax.Array | None,
+                 options: PSMOptions) -> jax.Array:
+        """The PSM's advantage maps of ``samples`` on the latent grid: (B, H, W) for images, (B, T,
+        H, W) for videos (``latents``: the samples' clean latents, for a backbone that reads them)."""
+        feats = self.feature_fn(frozen, samples, latents)
+        if self.video:
+            return psm_map_video(feats, tuple(self.latent_shape[:3]), options)
+        return psm_map(feats, tuple(self.latent_shape[:2]), options)
 
     # --- data ------------------------------------------------------------------------------------
     def prompt_loader(self, batch_size: int, seed: int) -> _Loader:

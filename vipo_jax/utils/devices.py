@@ -1,8 +1,11 @@
-"""Accelerators the planner predicts for: memory per chip and dense bf16 peak (vendor figures)."""
+"""Accelerators: memory per chip and dense bf16 peak (vendor figures), for the planner's predictions
+and the MFU every run reports; ``current_device()`` names the one this process runs on."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax
 
 from vipo_jax.errors import ConfigError
 
@@ -35,3 +38,22 @@ def device(name: str) -> Device:
         return DEVICES[name.lower()]
     except KeyError:
         raise ConfigError(f"--device={name!r} unknown; choose one of {sorted(DEVICES)}") from None
+
+
+#: substrings of ``jax.Device.device_kind`` -> table entry (the first match wins)
+_KINDS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("b200", "b200"), ("v6", "v6e"),
+          ("v5p", "v5p"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v4", "v4"))
+
+
+def current_device() -> Device | None:
+    """The table entry of ``jax.devices()[0]``, or None (a CPU, or an accelerator not in the table)."""
+
+
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return None
+    kind = str(getattr(d, "device_kind", "")).lower()
+    for key, name in _KINDS:
+        if key in kind:
+            return DEVICES[name]
+    return None
