@@ -116,6 +116,42 @@ def test_pixel_rewards_to_advantages_vs_numpy(stats):
     assert_close(ours, ref.reshape(8, 3, 4), rel=1e-5, what=f"pixel reward adv ({stats})")
 
 
+@pytest.mark.parametrize("group", [2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("scale", [1e-3, 1e-1, 1.0, 1e3])
+def test_all_equal_groups_get_exactly_zero_advantages(group, scale):
+    """A saturated reward (every sample of a group scores the same) gives advantages of exactly 0 in
+    float32, for every value, group size and scale (the plain formula's one-ulp-off mean divided by
+    0 + 1e-8 gave |A| up to ~1); the other groups of the batch are unaffected."""
+    rng = np.random.default_rng(group)
+    values = (rng.uniform(-3, 3, 8) * scale).astype(np.float32)
+    values[:3] = np.float32([0.1, 0.31, 0.7]) * np.float32(scale)
+    equal = np.repeat(values, group)  # 8 groups, each all-equal
+    mixed = np.concatenate([equal[:group], (rng.standard_normal(group) * scale).astype(np.float32)])
+    np.testing.assert_array_equal(np.asarray(rl.group_advantages(equal, group)), 0.0)
+    assert float(rl.degenerate_groups(equal, group)) == 8.0
+    adv = np.asarray(rl.group_advantages(mixed, group))
+    np.testing.assert_array_equal(adv[:group], 0.0)
+    assert_close(adv[group:], np_group_adv(mixed[group:], group), rel=1e-5, what="the other group")
+    assert float(rl.degenerate_groups(mixed, group)) == 1.0
+    # the same for every reward of a multi-reward step, and for the map-on-reward advantages
+    adv2, _ = rl.combine_advantages({"a": equal, "b": equal * 2}, {"a": 1.0, "b": 1.0}, group)
+    np.testing.assert_array_equal(np.asarray(adv2), 0.0)
+    # map on the reward, per position: equal rewards x the same map over the group's samples
+    maps = np.broadcast_to(rng.uniform(0, 1, (1, 3, 4)), (len(equal), 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(rl.pixel_rewards_to_advantages(equal, maps, group)), 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_near_ties_keep_their_differences(scale):
+    """Rewards a few ulps apart: centred on a group member, the differences are exact, so the
+    advantages match a float64 computation on the same float32 inputs."""
+    base = np.float32(0.7 * scale)
+    ulp = np.spacing(base)
+    r = np.array([base + k * ulp for k in (0, 1, 3, 2, 0, 5, 1, 4)], np.float32)
+    want = np_group_adv(r.astype(np.float64), 4)
+    assert_close(rl.group_advantages(r, 4), want, rel=1e-5, what="near ties")
+
+
 # ----------------------------------------------------------------------------- loss and gradient
 @pytest.mark.parametrize("reduction", ["position_sum", "sample_mean"])
 @pytest.mark.parametrize("use_map", [True, False])

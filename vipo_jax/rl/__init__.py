@@ -9,7 +9,12 @@ in a window of steps, ODE solvers outside it (MixGRPO). ``ratio_norm``: GRPO-Gua
 map). ``loss``: the per-position clipped surrogate.
 """
 
-from vipo_jax.rl.advantages import combine_advantages, group_advantages, pixel_rewards_to_advantages
+from vipo_jax.rl.advantages import (
+    combine_advantages,
+    degenerate_groups,
+    group_advantages,
+    pixel_rewards_to_advantages,
+)
 from vipo_jax.rl.logprob import LOGPROB_REDUCTIONS, reduce_logprob, step_logprob
 from vipo_jax.rl.loss import MAP_TARGETS, clipped_surrogate, pixel_advantages, policy_loss
 from vipo_jax.rl.psm import (
@@ -56,7 +61,7 @@ __all__ = [
     "rollout_windowed", "sde_mask", "step_weight", "trained_sde_fraction", "window_metrics", "window_start",
     "window_train_timesteps",
     "antialias_resize_matrix", "clipped_surrogate", "combine_advantages", "control_map", "gather_transitions",
-    "gaussian_filter_matrix", "gaussian_smooth_2d", "group_advantages", "initial_noise",
+    "degenerate_groups", "gaussian_filter_matrix", "gaussian_smooth_2d", "group_advantages", "initial_noise",
     "linear_resize_matrix", "map_stats", "num_train_timesteps", "ode_step", "pixel_advantages",
     "pixel_rewards_to_advantages", "policy_loss", "psm_map", "psm_map_video", "reduce_logprob",
     "resize_bilinear_antialias", "rollout", "sample_train_timesteps", "sde_logprob", "sde_mean_std",

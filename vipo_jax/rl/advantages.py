@@ -3,6 +3,12 @@
 Batches are prompt-major: sample ``b`` belongs to group ``b // group_size`` (see
 :func:`vipo_jax.rl.timesteps.initial_noise`). Statistics use the unbiased std (ddof=1) as torch's
 ``.std()`` in DanceGRPO/ViPO, and ``eps`` is added to the std (not under the square root).
+
+Degenerate groups: the rewards are first centred on one of the group's own values (its first
+sample), which is exact for equal or nearby float32 values. A group whose G rewards are all equal
+(a saturated reward) therefore gets advantages of exactly 0, where the plain formula's float32
+mean, one ulp off, divided by 0 + eps, gives |A| up to ~1 (the official code's behaviour): such a
+group pushes the policy nowhere. Near-ties keep their true, small differences.
 """
 
 from __future__ import annotations
@@ -24,15 +30,30 @@ def _grouped(x: jax.Array, group_size: int) -> jax.Array:
     return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
 
 
+def _normalise(g: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """``(g - mean) / (std + eps)`` over ``axes`` of grouped values ``g`` (P, G, ...), centred first on
+    each group's first value (exact for equal or nearby floats), so that an all-equal group gives
+    exactly 0."""
+    d = g - g[:, :1]
+    mean = jnp.mean(d, axis=axes, keepdims=True)
+    std = jnp.std(d, axis=axes, keepdims=True, ddof=1)
+    return jnp.where(std > 0, (d - mean) / (std + eps), 0.0)
+
+
 def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-8) -> jax.Array:
-    """``A_i = (r_i - mean_g r) / (std_g r + eps)`` within each group of G; ``(B,)`` float32.
+    """``A_i = (r_i - mean_g r) / (std_g r + eps)`` within each group of G; ``(B,)`` float32; exactly
+    0 for a group whose rewards are all equal (module docstring).
 
     The result is not clipped here: the ±adv_clip_max clamp is applied after the pixel map, in the
     loss (docs/METHOD.md §2), as the official code does."""
     r = _grouped(jnp.asarray(rewards, jnp.float32), group_size)
-    mean = jnp.mean(r, axis=1, keepdims=True)
-    std = jnp.std(r, axis=1, keepdims=True, ddof=1)
-    return ((r - mean) / (std + eps)).reshape(-1)
+    return _normalise(r, (1,), eps).reshape(-1)
+
+
+def degenerate_groups(rewards: jax.Array, group_size: int) -> jax.Array:
+    """The number of groups whose G rewards are all equal (their advantages are 0), a float32 scalar."""
+    r = _grouped(jnp.asarray(rewards, jnp.float32), group_size)
+    return jnp.sum(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32))
 
 
 def combine_advantages(rewards: Mapping[str, jax.Array], coefs: Mapping[str, float], group_size: int,
@@ -67,11 +88,12 @@ def pixel_rewards_to_advantages(rewards: jax.Array, maps: jax.Array, group_size:
     pix = m * r.reshape(r.shape + (1,) * (m.ndim - 1))
     g = _grouped(pix, group_size)
     if stats == "position":
-        axes: tuple[int, ...] = (1,)
-    elif stats == "group":
+        return _normalise(g, (1,), eps).reshape(pix.shape)
+    if stats == "group":  # centred on the group's first sample at its first position
         axes = tuple(range(1, g.ndim))
-    else:
-        raise ConfigError(f"stats must be 'position' or 'group', got {stats!r}")
-    mean = jnp.mean(g, axis=axes, keepdims=True)
-    std = jnp.std(g, axis=axes, keepdims=True, ddof=1)
-    return ((g - mean) / (std + eps)).reshape(pix.shape)
+        first = g.reshape(g.shape[0], -1)[:, :1].reshape((g.shape[0],) + (1,) * (g.ndim - 1))
+        d = g - first
+        mean = jnp.mean(d, axis=axes, keepdims=True)
+        std = jnp.std(d, axis=axes, keepdims=True, ddof=1)
+        return jnp.where(std > 0, (d - mean) / (std + eps), 0.0).reshape(pix.shape)
+    raise ConfigError(f"stats must be 'position' or 'group', got {stats!r}")

@@ -128,7 +128,7 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
         else:
             adv = jnp.stack([rl.group_advantages(rewards[n], G) for n in names])
         return {"cond": cond, "latents": latents, "old_logp": old_logp, "images": images, "rewards": rewards,
-                "map": amap, "adv": adv, "means": means}
+                "trained_rewards": {n: rewards[n] for n in names}, "map": amap, "adv": adv, "means": means}
 
     return rollout_and_score
 
@@ -247,7 +247,7 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
     return update
 
 
-def step_metrics(ms: dict, ro: dict, nonfinite: jax.Array) -> dict:
+def step_metrics(ms: dict, ro: dict, nonfinite: jax.Array, group_size: int) -> dict:
     """The iteration's metrics from the per-update metrics and the rollout."""
     metrics = {k: jnp.mean(v) for k, v in ms.items() if k not in ("skipped", "ratio_dev", "rollout_gap")}
     metrics["logp/rollout_gap"] = jnp.max(ms["rollout_gap"])
@@ -261,6 +261,8 @@ def step_metrics(ms: dict, ro: dict, nonfinite: jax.Array) -> dict:
     for name, r in ro["rewards"].items():
         metrics[f"reward/{name}"] = jnp.mean(r)
         metrics[f"reward_std/{name}"] = jnp.std(r)
+    for name, r in ro["trained_rewards"].items():  # groups whose rewards were all equal: advantages 0
+        metrics[f"degenerate_groups/{name}"] = rl.degenerate_groups(r, group_size)
     metrics["map/mean"] = jnp.mean(ro["map"]) if ro["map"] is not None else jnp.float32(1.0)
     return metrics
 
@@ -314,7 +316,7 @@ def make_train_step(cfg: StepConfig, *, velocity_fn: Callable, decode_fn: Callab
                      "rng": rng, "nonfinite": nonfinite}
         if ema_decay > 0:
             new_state["ema"] = update_ema(state["ema"], params, ema_decay, jnp.any(ms["skipped"] == 0))
-        metrics = step_metrics(ms, ro, nonfinite)
+        metrics = step_metrics(ms, ro, nonfinite, cfg.group_size)
         if cfg.windowed:
             metrics.update(rl.window_metrics(start, sigmas, cfg.sde_window))
             metrics["window/trained_sde_fraction"] = rl.trained_sde_fraction(mask, ts)
