@@ -12,7 +12,8 @@ COMMAND:
   python -m vipo_jax.train --config=configs/flux.py --config.model.path=/path/to/FLUX.1-dev \
       --config.data.prompts=prompts.txt --workdir=runs/flux
 
-Arguments after the colon: "toy" (embedded toy world), "" (FLUX.1-dev recipe), "schnell".
+Arguments after the colon: "toy" (embedded toy world), "" (FLUX.1-dev recipe), "schnell", "official"
+(the FLUX.1-dev recipe with the official ViPO code's behaviours, see ``official``), "toy_official".
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _common() -> mlc.ConfigDict:
     c.model.dtype = "bfloat16"  # compute
     c.model.remat = "full"
     c.model.attention = "xla"
+    # the DiT's timestep: "exact" (1000 sigma) or "floor" (int(1000 sigma), as the official scripts)
+    c.model.timestep_rounding = "exact"
     # The transformer's weights when not <path>/transformer: a diffusers transformer folder or the BFL
     # single file (flux1-dev.safetensors, the layout ComfyUI and the BFL code load).
     c.model.transformer = ""
@@ -61,6 +64,8 @@ def _common() -> mlc.ConfigDict:
     c.sampling.window_stride = 1
     c.sampling.window_every = 25
     c.sampling.ode_solver = "euler"
+    # the last step (never trained) sampled with the SDE as the official scripts do (default: the ODE)
+    c.sampling.stochastic_last_step = False
 
     c.train = mlc.ConfigDict()
     c.train.iterations = 300
@@ -75,7 +80,7 @@ def _common() -> mlc.ConfigDict:
     c.train.clip_range = 1e-4
     c.train.adv_clip_max = 5.0
     c.train.logprob_reduction = "position_sum"  # position_sum | sample_mean
-    c.train.map_target = "advantage"  # advantage | reward
+    c.train.map_target = "advantage"  # advantage | reward (ablation) | reward_and_advantage (official Wan + HPS)
     c.train.max_nonfinite = 3  # consecutive skipped updates before the run stops
     # Exponential moving average of the trained weights (the adapters under LoRA), kept in float32,
     # updated once per iteration after its optimizer updates; checkpointed. 0: off.
@@ -108,6 +113,11 @@ def _common() -> mlc.ConfigDict:
     c.psm.backbone_layer = ""  # resnet: the stage whose feature map is read ("": stage3)
     c.psm.backbone_size = 0  # resnet: resize the image to this side first (0: as generated)
     c.psm.patch = 0  # pixels / latents: the patch the features are averaged over (0: pixels 4, latents 1)
+    # dinov2 input: "resize" (to a multiple of the patch, float) or "crop_uint8" (the official code's:
+    # uint8 levels, no resize, the remainder of the patch grid dropped)
+    c.psm.backbone_input = "resize"
+    # "always" map the decoder's [-1, 1] to [0, 1], or "if_negative" (only when its minimum is < 0: official)
+    c.psm.rescale_rule = "always"
     c.psm.num_components = 3
     c.psm.sign_rule = "border"  # border | sklearn_u | sklearn_v
     c.psm.aggregation = "weighted"  # weighted | average | first_pc | uniform
@@ -183,16 +193,36 @@ def _toy(c: mlc.ConfigDict) -> mlc.ConfigDict:
     return c
 
 
+def official(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The official ViPO code's behaviours where they differ from our defaults (docs/METHOD.md,
+    "The official code and our defaults"): PCA signs by sklearn >= 1.5's rule, the DiT fed
+    int(1000 sigma), DINOv2 read from uint8 levels without resizing, the decoder's output rescaled
+    only when negative, a stochastic last step; for FLUX also one ratio per sample (the log-prob's
+    mean over the latent)."""
+    c.psm.sign_rule = "sklearn_v"
+    c.model.timestep_rounding = "floor"
+    c.psm.backbone_input = "crop_uint8"
+    c.psm.rescale_rule = "if_negative"
+    c.sampling.stochastic_last_step = True
+    if c.model.family == "flux":
+        c.train.logprob_reduction = "sample_mean"
+    return c
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c = _common()
     arg = (arg or "").strip()
     if arg == "toy":
         return _toy(c)
+    if arg == "official":
+        return official(c)
+    if arg == "toy_official":  # the official behaviours in the toy world (for comparisons at toy scale)
+        return official(_toy(c))
     if arg == "schnell":
         c.model.variant = "schnell"
         c.sampling.guidance = 0.0
         c.sampling.max_text_len = 256
         return c
     if arg not in ("", "dev"):
-        raise ValueError(f"configs/flux.py: unknown argument {arg!r}; use toy, dev or schnell")
+        raise ValueError(f"configs/flux.py: unknown argument {arg!r}; use toy, dev, schnell, official or toy_official")
     return c

@@ -11,7 +11,9 @@ COMMAND:
       --config.data.prompts=prompts.txt --workdir=runs/wan
 
 Arguments after the colon: "toy" (embedded video toy world), "" or "1.3b" (Wan2.1-T2V-1.3B recipe),
-"14b" (the same recipe on Wan2.1-T2V-14B).
+"14b" (the same recipe on Wan2.1-T2V-14B), "official" (the 1.3B recipe with the official ViPO Wan
+script's behaviours; its HPS path also puts the map on the reward: --config.train.map_target=
+reward_and_advantage --config.rewards.names=hpsv21).
 
 Rewards: the paper trains Wan with VideoAlign's VQ + MQ heads (coefficients 1, 1), the default here:
 ``--config.rewards.videoalign=<KlingTeam/VideoReward folder>`` (without it the run stops at once and
@@ -27,13 +29,18 @@ from pathlib import Path
 import ml_collections as mlc
 
 
-def _flux_config() -> mlc.ConfigDict:
-    """configs/flux.py's FLUX.1-dev config, loaded from beside this file (whatever the working
-    directory): the sections both families share (train, optim, psm, data, log, mesh, sharding)."""
+def _flux_module():
+    """configs/flux.py, loaded from beside this file (whatever the working directory)."""
     spec = importlib.util.spec_from_file_location("_vipo_configs_flux", Path(__file__).with_name("flux.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config("")
+    return mod
+
+
+def _flux_config() -> mlc.ConfigDict:
+    """configs/flux.py's FLUX.1-dev config: the sections both families share (train, optim, psm,
+    data, log, mesh, sharding)."""
+    return _flux_module().get_config("")
 
 
 def _common() -> mlc.ConfigDict:
@@ -127,6 +134,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if arg == "14b":
         c.model.variant = "14b"
         return c
+    if arg == "official":  # the official ViPO Wan script's behaviours (configs/flux.py official())
+        _flux_module().official(c)
+        c.rewards.videoalign_fps = 25.0  # it writes its mp4s at 25 fps: VideoAlign reads 4 of 53 frames
+        return c
     if arg not in ("", "1.3b"):
-        raise ValueError(f"configs/wan.py: unknown argument {arg!r}; use toy, 1.3b or 14b")
+        raise ValueError(f"configs/wan.py: unknown argument {arg!r}; use toy, 1.3b, 14b or official")
     return c

@@ -20,13 +20,15 @@ from vipo_jax.rl.sde import sde_step, transition_logprob, x0_prediction
 def rollout(velocity_fn: VelocityFn, x_init: jax.Array, cond: Any, sigmas: jax.Array,
             eta: jax.Array | float, key: jax.Array, *, deterministic: bool = False,
             logprob_reduction: str | None = None, return_noise: bool = False,
-            unroll: int = 1) -> dict[str, jax.Array]:
+            unroll: int = 1, stochastic_last: bool = False) -> dict[str, jax.Array]:
     """Sample ``S = len(sigmas) - 1`` steps from ``x_init`` (the state at ``sigmas[0]``).
 
     Steps ``0..S-2`` are SDE steps with noise scale ``eta``; the last step (to sigma=0) is never
     trained, so it is taken deterministically (ODE), which makes ``latents[S]`` equal the final
     clean prediction and keeps a zero-std step from producing inf log-probs. ``deterministic=True``
-    uses the ODE for every step (evaluation). The SDE noise of step ``i`` is
+    uses the ODE for every step (evaluation). ``stochastic_last``: the last step is an SDE step too, as
+    the official scripts sample it (it is still never trained, and the decoded output, the last
+    step's clean prediction, does not depend on it). The SDE noise of step ``i`` is
     ``normal(split(key, S)[i], x.shape)``.
 
     Returns a dict:
@@ -47,7 +49,9 @@ def rollout(velocity_fn: VelocityFn, x_init: jax.Array, cond: Any, sigmas: jax.A
     if deterministic:
         etas = jnp.zeros((num_steps,), jnp.float32)
     else:
-        etas = jnp.full((num_steps,), eta, jnp.float32).at[num_steps - 1].set(0.0)
+        etas = jnp.full((num_steps,), eta, jnp.float32)
+        if not stochastic_last:
+            etas = etas.at[num_steps - 1].set(0.0)
     keys = jax.random.split(key, num_steps)
 
     def body(carry, inp):

@@ -102,7 +102,7 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
                                      rl.sde_mask(0, cfg.num_steps, 0) if mask is None else mask,
                                      ode_solver=cfg.ode_solver, return_means=cfg.ratio_norm)
         else:
-            ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde)
+            ro = rl.rollout(vel_mb, x_init, cond, sigmas, cfg.eta, k_sde, stochastic_last=cfg.stochastic_last_step)
         latents = jax.lax.stop_gradient(ro["latents"])  # (S+1, B, *latent)
         old_logp = jax.lax.stop_gradient(ro["log_probs"])  # (S, B, *latent)
         means = jax.lax.stop_gradient(ro["means"]) if cfg.ratio_norm else None
@@ -122,11 +122,14 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
             amap = None  # plain GRPO: M = 1
 
         # --- advantages, one per reward (R, B) or (R, B, *positions) -----------------------------
-        if cfg.map_target == "reward":
-            m = amap if amap is not None else jnp.ones((B,) + tuple(latent_shape[:-1]), jnp.float32)
-            adv = jnp.stack([rl.pixel_rewards_to_advantages(rewards[n], m, G) for n in names])
-        else:
+        if cfg.map_target == "advantage":
             adv = jnp.stack([rl.group_advantages(rewards[n], G) for n in names])
+        else:
+            m = amap if amap is not None else jnp.ones((B,) + tuple(latent_shape[:-1]), jnp.float32)
+            if cfg.map_target == "reward":
+                adv = jnp.stack([rl.pixel_rewards_to_advantages(rewards[n], m, G) for n in names])
+            else:  # reward_and_advantage: the official Wan + HPS path (group statistics of r*M, then x M)
+                adv = jnp.stack([rl.pixel_rewards_to_advantages(rewards[n], m, G, stats="group") * m for n in names])
         return {"cond": cond, "latents": latents, "old_logp": old_logp, "images": images, "rewards": rewards,
                 "trained_rewards": {n: rewards[n] for n in names}, "map": amap, "adv": adv, "means": means}
 
@@ -188,14 +191,14 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
             gap = jnp.where(first_update, gap, 0.0)  # later updates differ by the policy change itself
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), rollout_lp)
             logp_new, adv, amap_k, target, clip_max = logp, adv_j[:, j], None if amap_j is None else amap_j[j], \
-                cfg.map_target, cfg.adv_clip_max
+                cfg.loss_map_target, cfg.adv_clip_max
             if cfg.ratio_norm:  # GRPO-Guard: s*(log-ratio) + dmu^2/(2s), fed as the log-ratio against 0
                 mean_old = jnp.where(first_update, jax.lax.stop_gradient(mean), at_t(means_j[:, j], t))
                 logp_new = rl.ratio_norm_elementwise(logp, logp_old, mean, mean_old, std)
                 logp_old = jnp.zeros_like(logp_new)
                 if cfg.ratio_norm_reweight:  # 1/dt loss weights (mean 1): the map and clamp applied first
                     w = rl.step_weight(sigmas[t], sigmas[t + 1], reference=step_weight_ref)
-                    adv = jnp.stack([rl.pixel_advantages(a, amap_k, map_target=cfg.map_target,
+                    adv = jnp.stack([rl.pixel_advantages(a, amap_k, map_target=cfg.loss_map_target,
                                                          adv_clip_max=cfg.adv_clip_max) for a in adv])
                     adv = adv * w.reshape((1, -1) + (1,) * (adv.ndim - 2))
                     amap_k, target, clip_max = None, "reward", jnp.inf

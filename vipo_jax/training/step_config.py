@@ -27,7 +27,11 @@ KEYS = {
     "window_stride": "sampling.window_stride", "window_every": "sampling.window_every",
     "ode_solver": "sampling.ode_solver", "window_fraction": "train.window_fraction",
     "ratio_norm": "train.ratio_norm", "ratio_norm_reweight": "train.ratio_norm_reweight",
+    "stochastic_last_step": "sampling.stochastic_last_step",
 }
+#: ``train.map_target``: the map on the advantage (the method), on the reward (the paper's ablation),
+#: or on both (the official Wan + HPS path: the reward map's group statistics, then the map again).
+MAP_TARGETS = ("advantage", "reward", "reward_and_advantage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,7 @@ class StepConfig:
     window_fraction: float = 1.0
     ratio_norm: bool = False
     ratio_norm_reweight: bool = True
+    stochastic_last_step: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -94,8 +99,8 @@ class StepConfig:
                 raise bad(f, "must be a finite number > 0")
         if self.logprob_reduction not in rl.LOGPROB_REDUCTIONS:
             raise bad("logprob_reduction", f"is not one of {', '.join(rl.LOGPROB_REDUCTIONS)}")
-        if self.map_target not in rl.MAP_TARGETS:
-            raise bad("map_target", f"is not one of {', '.join(rl.MAP_TARGETS)}")
+        if self.map_target not in MAP_TARGETS:
+            raise bad("map_target", f"is not one of {', '.join(MAP_TARGETS)}")
         if not self.rewards:
             raise ConfigError("--config.rewards.names is empty: name at least one reward")
         if not 0 <= int(self.sde_window) <= self.num_steps - 1:
@@ -108,9 +113,18 @@ class StepConfig:
             raise bad("ode_solver", f"is not one of {', '.join(rl.ODE_SOLVERS)}")
         if not 0 < self.window_fraction <= 1:
             raise bad("window_fraction", "must be in (0, 1]")
+        if self.stochastic_last_step and (self.windowed or self.ode_solver != "euler" or self.ratio_norm):
+            raise ConfigError("--config.sampling.stochastic_last_step (the official scripts' sampling) cannot be "
+                              "combined with sampling.sde_window, sampling.ode_solver or train.ratio_norm")
         if self.windowed and int(self.sde_window * self.window_fraction) < 1:
             raise ConfigError(f"--config.train.window_fraction={self.window_fraction} of a {self.sde_window}-step "
                               "window trains no transition: raise one of them")
+
+    @property
+    def loss_map_target(self) -> str:
+        """What the loss does with the map: apply it (``advantage``) or nothing (the advantages
+        already hold it)."""
+        return "advantage" if self.map_target == "advantage" else "reward"
 
     @property
     def windowed(self) -> bool:
@@ -159,7 +173,8 @@ class StepConfig:
                   window_stride=int(s.get("window_stride", 1)), window_every=int(s.get("window_every", 25)),
                   ode_solver=str(s.get("ode_solver", "euler")), window_fraction=float(t.get("window_fraction", 1.0)),
                   ratio_norm=bool(t.get("ratio_norm", False)),
-                  ratio_norm_reweight=bool(t.get("ratio_norm_reweight", True)))
+                  ratio_norm_reweight=bool(t.get("ratio_norm_reweight", True)),
+                  stochastic_last_step=bool(s.get("stochastic_last_step", False)))
         cfg.check_batch(int(s.prompts_per_iter))
         return cfg
 

@@ -34,7 +34,8 @@ class WorldOptions:
     Wan: the true-CFG scale; ``None``: off), ``uncond_grad`` (Wan: gradient through the
     unconditional half), ``frame_readout`` (video: frames resized to this square size for the PSM
     backbone; ``None``: as decoded), ``frames_per_call`` (video: backbone frames per call, 0: all),
-    ``png_scale`` / ``fps`` (the evaluation grids)."""
+    ``png_scale`` / ``fps`` (the evaluation grids), ``timestep_floor`` (the DiT sees ``int(1000
+    sigma)`` as the official scripts feed it: ``model.timestep_rounding=floor``)."""
 
     guidance: float | None = None
     uncond_grad: bool = False
@@ -42,6 +43,7 @@ class WorldOptions:
     frames_per_call: int = 0
     png_scale: int = 1
     fps: float = 8.0
+    timestep_floor: bool = False
 
 
 class ToyModels:
@@ -76,6 +78,8 @@ class Family(abc.ABC):
                 raise ConfigError(f"--config.model.{key}={m[key]!r} is not one of {', '.join(DTYPES)}")
         if m.remat not in REMAT_POLICIES:
             raise ConfigError(f"--config.model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if m.get("timestep_rounding", "exact") not in ("exact", "floor"):
+            raise ConfigError(f"--config.model.timestep_rounding={m.timestep_rounding!r} is not one of exact, floor")
         if m.attention not in available_attention():
             raise ConfigError(f"--config.model.attention={m.attention!r} is not one of "
                               f"{', '.join(available_attention())}")

@@ -73,7 +73,8 @@ class FluxFamily(Family):
 
     def options(self, c: mlc.ConfigDict, policy: nnx.Module, source: str) -> WorldOptions:
         guidance = float(c.sampling.guidance) if policy.cfg.guidance_embeds else None
-        return WorldOptions(guidance=guidance, png_scale=2 if source == "toy" else 1)
+        return WorldOptions(guidance=guidance, png_scale=2 if source == "toy" else 1,
+                            timestep_floor=c.model.get("timestep_rounding", "exact") == "floor")
 
     def latent_shape(self, c: mlc.ConfigDict, decoder: nnx.Module) -> tuple[int, ...]:
         f = decoder.cfg.downsample_factor
@@ -82,7 +83,7 @@ class FluxFamily(Family):
     def velocity(self, policy: nnx.Module, x: jax.Array, sigma: jax.Array, cond: Mapping[str, jax.Array],
                  options: WorldOptions) -> jax.Array:
         g = None if options.guidance is None else jnp.full((x.shape[0],), options.guidance, jnp.float32)
-        return flux_velocity(policy, x, sigma, cond["t5"], cond["pooled"], g)
+        return flux_velocity(policy, x, sigma, cond["t5"], cond["pooled"], g, timestep_floor=options.timestep_floor)
 
     def decode(self, decoder: nnx.Module, x0: jax.Array) -> jax.Array:
         return decode_to_unit(decoder, x0)

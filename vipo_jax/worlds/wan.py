@@ -88,7 +88,8 @@ class WanFamily(Family):
         return WorldOptions(guidance=guidance_scale(c), uncond_grad=bool(c.sampling.cfg_uncond_grad),
                             frame_readout=READOUT_SIZE if toy else None,
                             frames_per_call=int(c.psm.frames_per_call), png_scale=3 if toy else 1,
-                            fps=float(c.sampling.fps))
+                            fps=float(c.sampling.fps),
+                            timestep_floor=c.model.get("timestep_rounding", "exact") == "floor")
 
     def latent_shape(self, c: mlc.ConfigDict, decoder: nnx.Module) -> tuple[int, ...]:
         s, vcfg = c.sampling, decoder.cfg
@@ -98,7 +99,7 @@ class WanFamily(Family):
     def velocity(self, policy: nnx.Module, x: jax.Array, sigma: jax.Array, cond: Mapping[str, jax.Array],
                  options: WorldOptions) -> jax.Array:
         return wan_velocity(policy, x, sigma, cond["text"], cond["neg"], options.guidance,
-                            uncond_grad=options.uncond_grad)
+                            uncond_grad=options.uncond_grad, timestep_floor=options.timestep_floor)
 
     def decode(self, decoder: nnx.Module, x0: jax.Array) -> jax.Array:
         return decode_to_unit(decoder, x0)

@@ -19,12 +19,16 @@ import jax.numpy as jnp
 
 
 def wan_velocity(model, x: jax.Array, sigma: jax.Array, text: jax.Array, negative: jax.Array | None = None,
-                 guidance: float | None = None, *, uncond_grad: bool = False) -> jax.Array:
+                 guidance: float | None = None, *, uncond_grad: bool = False,
+                 timestep_floor: bool = False) -> jax.Array:
     """v(x, sigma) for latents ``x`` (B, T, H, W, C); ``text`` / ``negative`` (B, L, D) prompt
     states (zero-padded, no mask, as WanPipeline). ``guidance`` None: the conditional pass only
-    (worlds pass None for a configured scale <= 1, as diffusers does)."""
+    (worlds pass None for a configured scale <= 1, as diffusers does). ``timestep_floor``: the DiT
+    sees ``floor(1000 sigma)`` as the official ViPO Wan script feeds it."""
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32) * 1000.0, (b,))
+    if timestep_floor:  # the official scripts' int(sigma * 1000)
+        t = jnp.floor(t)
     if negative is None or guidance is None:
         return model(x, t, text).astype(jnp.float32)
     if negative.shape != text.shape:
