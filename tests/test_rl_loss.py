@@ -141,6 +141,16 @@ def test_all_equal_groups_get_exactly_zero_advantages(group, scale):
     np.testing.assert_array_equal(np.asarray(rl.pixel_rewards_to_advantages(equal, maps, group)), 0.0)
 
 
+def test_a_nan_reward_stays_nan_in_its_group():
+    """A NaN reward must reach the loss (the step then skips the update), not become a zero
+    advantage of a "degenerate" group; the other groups are unaffected."""
+    r = np.float32([0.1, np.nan, 0.3, 0.2, 0.5, 0.1, 0.4, 0.2])
+    for adv in (rl.group_advantages(r, 4), rl.pixel_rewards_to_advantages(r, np.ones((8, 2), np.float32), 4),
+                rl.pixel_rewards_to_advantages(r, np.ones((8, 2), np.float32), 4, stats="group")):
+        adv = np.asarray(adv)
+        assert np.all(np.isnan(adv[:4])) and np.all(np.isfinite(adv[4:]))
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_near_ties_keep_their_differences(scale):
     """Rewards a few ulps apart: centred on a group member, the differences are exact, so the

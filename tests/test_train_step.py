@@ -49,7 +49,7 @@ def feature_fn(frozen, images, latents=None):
     return jnp.tanh(patches @ frozen["proj"])
 
 
-def make(cfg_over=None, reward=None):
+def make(cfg_over=None, reward=None, opt=None):
     model = Velocity(nnx.Rngs(0))
     graphdef, params = nnx.split(model)
 
@@ -58,7 +58,7 @@ def make(cfg_over=None, reward=None):
 
     cfg = StepConfig(num_steps=6, shift=3.0, eta=0.3, group_size=4, **(cfg_over or {}))
     cfg = dataclasses.replace(cfg, rewards=(("redness", 1.0),))
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=1e-4))
+    opt = opt or optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=1e-4))
     rfn = reward or (lambda frozen, images, batch: redness(images))
     step = make_train_step(cfg, velocity_fn=velocity_fn, decode_fn=decode_fn, reward_fns={"redness": rfn},
                            feature_fn=feature_fn, optimizer=opt, latent_shape=LATENT)
@@ -107,6 +107,19 @@ def test_nonfinite_reward_skips_the_update_and_counts():
         assert float(m["nonfinite_streak"]) == i + 1
     after = jax.tree.map(np.array, state["params"])
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_overflowing_update_is_skipped_though_loss_and_gradient_are_finite():
+    """A finite gradient times a huge step (here an update scaled past float32's range) must not
+    reach the parameters or the optimizer state: the new state is checked before it is kept."""
+    opt = optax.chain(optax.adam(1e-3), optax.scale(1e39))
+    step, state, frozen, batch, _ = make(opt=opt)
+    before = jax.tree.map(np.array, (state["params"], state["opt_state"]))
+    state, m = step(state, frozen, batch)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["updates_skipped"]) == 1.0 and float(m["nonfinite_streak"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state["params"], state["opt_state"]))):
         np.testing.assert_array_equal(a, b)
 
 

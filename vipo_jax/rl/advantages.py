@@ -37,7 +37,7 @@ def _normalise(g: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
     d = g - g[:, :1]
     mean = jnp.mean(d, axis=axes, keepdims=True)
     std = jnp.std(d, axis=axes, keepdims=True, ddof=1)
-    return jnp.where(std > 0, (d - mean) / (std + eps), 0.0)
+    return jnp.where(std == 0, 0.0, (d - mean) / (std + eps))  # a NaN reward stays NaN (the update is skipped)
 
 
 def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-8) -> jax.Array:
@@ -95,5 +95,5 @@ def pixel_rewards_to_advantages(rewards: jax.Array, maps: jax.Array, group_size:
         d = g - first
         mean = jnp.mean(d, axis=axes, keepdims=True)
         std = jnp.std(d, axis=axes, keepdims=True, ddof=1)
-        return jnp.where(std > 0, (d - mean) / (std + eps), 0.0).reshape(pix.shape)
+        return jnp.where(std == 0, 0.0, (d - mean) / (std + eps)).reshape(pix.shape)
     raise ConfigError(f"stats must be 'position' or 'group', got {stats!r}")

@@ -319,7 +319,7 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
             done = it + 1
             if metrics["updates_skipped"] > 0 and main:
                 tqdm.write(f"iteration {done}: skipped {int(metrics['updates_skipped'])} update(s) with a "
-                           f"non-finite loss or gradient (streak {int(metrics['nonfinite_streak'])})")
+                           f"non-finite loss, gradient or update (streak {int(metrics['nonfinite_streak'])})")
             if done % c.log.every == 0:
                 writer.write(done, metrics)
             main_reward = world.main_reward
@@ -328,7 +328,7 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
             if metrics["nonfinite_streak"] >= c.train.max_nonfinite:
                 save(done)
                 raise NonFiniteError(
-                    f"{int(metrics['nonfinite_streak'])} consecutive updates had a non-finite loss or gradient "
+                    f"{int(metrics['nonfinite_streak'])} consecutive updates had a non-finite loss, gradient or update "
                     f"(iteration {done}); the parameters are unchanged since the last finite update and were "
                     f"checkpointed in {ckpt.dir}. Lower --config.optim.lr or check the reward.")
             if c.log.eval_every and done % c.log.eval_every == 0 and done < c.train.iterations:

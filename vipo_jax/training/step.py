@@ -136,6 +136,13 @@ def make_rollout_and_score(cfg: StepConfig, *, velocity_fn: Callable, decode_fn:
     return rollout_and_score
 
 
+def _all_finite(tree: Any) -> Array:
+    """Whether every float leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+              if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 _AUX = ("clip_fraction", "approx_kl", "ratio_mean", "adv_abs_mean", "ratio_dev", "rollout_gap")
 
 
@@ -232,9 +239,11 @@ def make_policy_update(cfg: StepConfig, *, velocity_fn: Callable, optimizer: opt
                 acc, (zeros, jnp.zeros((), jnp.float32), aux0), jnp.arange(n_items))
             grads = jax.tree.map(lambda g: g / n_items, g_sum)
             gnorm = optax.tree.norm(grads)
-            finite = jnp.isfinite(gnorm) & jnp.isfinite(l_sum)
             updates, new_opt = optimizer.update(grads, opt_state, p)
             new_p = optax.apply_updates(p, updates)
+            # a finite gradient can still overflow the update (a huge learning rate, Adam's state):
+            # the new parameters and optimizer state are checked too, so nothing non-finite is kept
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(l_sum) & _all_finite((new_p, new_opt))
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             p, opt_state = keep(new_p, p), keep(new_opt, opt_state)
             nonfinite = jnp.where(finite, 0, nonfinite + 1)
