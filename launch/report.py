@@ -2,13 +2,19 @@
 reward curves of every group (mean over seeds with a ±1 std band).
 
     python -m launch.report --workdir=runs/toy_grpo_vs_vipo
-    python -m launch.report --workdir=runs/toy_ablations --metrics=reward/redness,eval/digit_accuracy
+    python -m launch.report --workdir=runs/toy_ablations --columns=reward/redness/last10pct,eval/digit_accuracy
+    python -m launch.report --workdir=runs/toy_region_rewards --paired=grpo --eval=runs/.../eval/results.json
 
 A group is the set of points whose overrides differ only in ``config.seed``. Per run it reads
 ``summary.json`` (reward of the first and last 10% of iterations) and ``metrics.jsonl`` (the last
 evaluation: ``eval/*`` of the final weights on the fixed evaluation prompts). Writes
 ``report.md`` (the table, with the command of each group), ``report.json`` and ``curves.png`` into
 the sweep folder, and prints the table.
+
+``--eval=results.json`` (from ``python -m vipo_jax.evaluate`` over the sweep's runs) adds each run's
+held-out scores as ``heldout/<metric>`` columns. ``--paired=BASE`` adds a second table: for every
+group named ``<prefix>-<method>`` with a group ``<prefix>-BASE``, the per-seed differences
+(method − BASE, runs paired by ``config.seed``: the same prompts and noises), mean ± standard error.
 """
 
 from __future__ import annotations
@@ -68,6 +74,17 @@ def run_numbers(workdir: Path) -> dict[str, float]:
     return out
 
 
+def heldout_numbers(results_json: str | Path) -> dict[Path, dict[str, float]]:
+    """``vipo_jax.evaluate``'s results.json as {run workdir: {"heldout/<metric>": mean}}."""
+    results = json.loads(Path(results_json).read_text())
+    out: dict[Path, dict[str, float]] = {}
+    for entry in results.get("checkpoints", {}).values():
+        if entry.get("path"):
+            run = Path(str(entry["path"]).split("@")[0]).resolve()
+            out[run] = {f"heldout/{k}": float(v["mean"]) for k, v in entry["metrics"].items()}
+    return out
+
+
 def curve(workdir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     recs = [r for r in _records(workdir) if r.get(key) is not None and "loss" in r]
     return np.array([r["step"] for r in recs]), np.array([r[key] for r in recs], np.float64)
@@ -110,9 +127,12 @@ def _trained_reward(workdirs: list[Path]) -> str:
     return "reward"
 
 
-def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward: str | None = None) -> dict:
+def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward: str | None = None,
+              heldout: str | Path | None = None) -> dict:
     """Per group: the runs used, and mean / std / n of every column. ``reward``: the trained
-    reward's name (default: the first ``reward/*`` key a summary has)."""
+    reward's name (default: the first ``reward/*`` key a summary has). ``heldout``: an evaluate
+    results.json whose scores of the runs become ``heldout/*`` columns."""
+    held = heldout_numbers(heldout) if heldout else {}
     workdir = Path(workdir)
     mf = workdir / "sweep.json"
     if not mf.is_file():
@@ -120,20 +140,23 @@ def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward:
     manifest = json.loads(mf.read_text())
     table: dict[str, Any] = {}
     for name, points in groups(manifest).items():
-        runs = {p["name"]: run_numbers(Path(p["workdir"])) for p in points}
+        runs = {p["name"]: {**run_numbers(Path(p["workdir"])), **held.get(Path(p["workdir"]).resolve(), {}),
+                            "seed": p["overrides"].get("config.seed")} for p in points}
         runs = {k: v for k, v in runs.items() if "iterations" in v}
         if not runs:
             continue
         if reward is None:
             reward = _trained_reward([Path(p["workdir"]) for p in points])
         cols = list(columns or [c.format(reward=reward, main=reward.split("/", 1)[-1]) for c in DEFAULT_COLUMNS])
+        if columns is None:  # the held-out scores, when given, after the defaults
+            cols += sorted({k for v in runs.values() for k in v if k.startswith("heldout/")})
         cols = list(dict.fromkeys(cols))
         stats = {}
         for col in cols:
             vals = [v[col] for v in runs.values() if col in v]
             stats[col] = (*_mean_std(vals), len(vals)) if vals else (float("nan"), 0.0, 0)
-        table[name] = {"runs": sorted(runs), "overrides": {k: v for k, v in points[0]["overrides"].items()
-                                                          if k != "config.seed"},
+        table[name] = {"runs": sorted(runs), "per_run": runs,
+                       "overrides": {k: v for k, v in points[0]["overrides"].items() if k != "config.seed"},
                        "workdirs": [p["workdir"] for p in points if p["name"] in runs], "stats": stats}
     if not table:
         raise ReportError(f"no finished run in {workdir} (a finished run has summary.json)")
@@ -142,6 +165,42 @@ def aggregate(workdir: str | Path, columns: Sequence[str] | None = None, reward:
         for g in table.values():
             g["stats"] = {c: v for c, v in g["stats"].items() if c in present}
     return {"sweep": manifest.get("sweep"), "config": manifest.get("config"), "reward": reward, "groups": table}
+
+
+def paired(agg: dict, base: str) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{group: {column: (mean, standard error, n)}}`` of the per-seed differences group − its
+    ``<prefix>-<base>`` group, for every group with such a partner (runs matched by seed)."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for name, g in agg["groups"].items():
+        prefix, _, method = name.rpartition("-")
+        partner = agg["groups"].get(f"{prefix}-{base}") if prefix else None
+        if partner is None or method == base:
+            continue
+        by_seed = {r["seed"]: r for r in partner["per_run"].values()}
+        diffs: dict[str, tuple[float, float, int]] = {}
+        for col in g["stats"]:
+            d = [r[col] - by_seed[r["seed"]][col] for r in g["per_run"].values()
+                 if col in r and r["seed"] in by_seed and col in by_seed[r["seed"]]]
+            if d:
+                a = np.asarray(d, np.float64)
+                se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+                diffs[col] = (float(a.mean()), se, len(a))
+        out[name] = diffs
+    return out
+
+
+def paired_markdown(diffs: dict, base: str) -> str:
+    if not diffs:
+        return f"No group has a `<prefix>-{base}` partner to pair with.\n"
+    cols = list(dict.fromkeys(c for d in diffs.values() for c in d))
+    lines = [f"Paired differences vs `<prefix>-{base}` (the same seed: prompts and noises), mean ± standard error "
+             "over seeds:", "", "| group | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, d in diffs.items():
+        n = max((v[2] for v in d.values()), default=0)
+        cells = ["–" if c not in d else (f"{d[c][0]:+.4f} ± {d[c][1]:.4f}" if d[c][2] > 1 else f"{d[c][0]:+.4f}")
+                 for c in cols]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(agg: dict) -> str:
@@ -210,14 +269,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   "final eval metrics)")
     ap.add_argument("--curves", default="", help="comma-separated training metrics to plot (default: the reward, "
                                                  "reward/digit_accuracy, map/mean)")
+    ap.add_argument("--eval", default="", help="an evaluate results.json over the sweep's runs: adds heldout/* columns")
+    ap.add_argument("--paired", default="", help="a method name BASE: per-seed differences of every <prefix>-<method> "
+                                                 "group against <prefix>-BASE")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
+    if args.eval and not Path(args.eval).is_file():
+        print(f"error: --eval={args.eval}: no such file (the results.json written by python -m vipo_jax.evaluate)",
+              file=sys.stderr)
+        return 2
     try:
-        agg = aggregate(workdir, [c for c in args.columns.split(",") if c] or None)
+        agg = aggregate(workdir, [c for c in args.columns.split(",") if c] or None, heldout=args.eval or None)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     md = markdown(agg)
+    if args.paired:
+        agg["paired"] = {"base": args.paired, "groups": paired(agg, args.paired)}
+        md += "\n" + paired_markdown(agg["paired"]["groups"], args.paired)
     (workdir / "report.md").write_text(md)
     (workdir / "report.json").write_text(json.dumps(agg, indent=1))
     keys = [k for k in args.curves.split(",") if k] or [agg["reward"], "reward/digit_accuracy", "map/mean"]

@@ -584,6 +584,40 @@ def test_report_train_metrics_first_last_10pct(tmp_path: Path):
     assert not any(k.startswith("reward_std") for k in got)
 
 
+def test_report_paired_differences_and_heldout_columns(tmp_path: Path, capsys):
+    """--paired=grpo: per-seed differences of x-vipo against x-grpo (mean ± SE, numpy), not of the
+    means; --eval: evaluate's results.json scores of each run as heldout/* columns."""
+    import numpy as np
+
+    from launch import report
+
+    rng = np.random.default_rng(0)
+    last = {"sub-grpo": rng.uniform(0.2, 0.4, 3), "sub-vipo": None, "sub-inverted": rng.uniform(0.1, 0.3, 3)}
+    last["sub-vipo"] = last["sub-grpo"] + np.array([0.05, 0.02, 0.03])  # seed-paired gains
+    points, checkpoints = [], {}
+    for label, vals in last.items():
+        for seed, v in enumerate(vals):
+            wd = tmp_path / f"{label}_seed-{seed}"
+            _fake_run(wd, 0.1, float(v), 0.5)
+            points.append({"name": wd.name, "workdir": str(wd), "status": "done",
+                           "overrides": {"config.psm.control": label, "config.seed": seed}})
+            checkpoints[f"{label}/{seed}"] = {"path": f"{wd}@10", "metrics": {"redness": {"mean": float(v) / 2}}}
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": "s.py", "config": "c.py", "points": points}))
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoints": checkpoints}))
+    assert report.main([f"--workdir={tmp_path}", "--paired=grpo", f"--eval={tmp_path / 'results.json'}"]) == 0
+    agg = json.loads((tmp_path / "report.json").read_text())
+    assert set(agg["paired"]["groups"]) == {"sub-vipo", "sub-inverted"}
+    for name in ("sub-vipo", "sub-inverted"):
+        d = last[name] - last["sub-grpo"]
+        m, se, n = agg["paired"]["groups"][name]["reward/redness/last10pct"]
+        assert n == 3 and abs(m - d.mean()) < 1e-9 and abs(se - d.std(ddof=1) / np.sqrt(3)) < 1e-9
+        m, se, n = agg["paired"]["groups"][name]["heldout/redness"]
+        assert abs(m - d.mean() / 2) < 1e-9
+    assert "Paired differences" in (tmp_path / "report.md").read_text()
+    assert report.main([f"--workdir={tmp_path}", "--eval=/nonexistent/results.json"]) == 2
+    assert "--eval" in capsys.readouterr().err
+
+
 def test_report_errors(tmp_path: Path, capsys):
     from launch import report
 
