@@ -2,12 +2,14 @@
 
 The reader memory-maps the file and returns numpy views, so a 24 GB checkpoint costs no RAM until
 a tensor is actually used; bfloat16 comes back as ``ml_dtypes.bfloat16``. Sharded checkpoints
-(``*.safetensors.index.json``) are opened as one mapping.
+(``*.safetensors.index.json``) are opened as one mapping. The writer streams tensor by tensor (the
+exporters hand it lazy mappings whose tensors are built when read).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -162,31 +164,78 @@ def open_checkpoint(path: str | os.PathLike, stem: str | None = None) -> Mapping
     return SafetensorsFile(candidates[0])
 
 
-def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (numpy or ml_dtypes arrays) atomically: a crash leaves no half file."""
+def tensor_dtype(tensors: Mapping[str, np.ndarray], key: str) -> np.dtype:
+    """A tensor's dtype without building or moving it where the mapping can say (``.dtype(key)``)."""
+    if hasattr(tensors, "dtype"):
+        return np.dtype(tensors.dtype(key))
+    a = tensors[key]
+    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def tensor_shape(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    """A tensor's shape, from ``.shape(key)`` where the mapping has it (without building it)."""
+    return tuple(tensors.shape(key)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
+                      keys: list[str] | None = None, dtypes: Mapping[str, np.dtype] | None = None,
+                      metadata: Mapping[str, str] | None = None, write: bool | None = None) -> int:
+    """Stream ``tensors`` (``keys`` of them, in that order; default all) into one safetensors file,
+    each cast to ``dtypes[key]`` (default: its own dtype), so that only one tensor at a time is on
+    the host. The header comes from the shapes (a mapping with ``.shape(key)`` / ``.dtype(key)``,
+    such as the exporters' lazy ones, is not read for it); then each tensor is read, cast, written
+    and dropped. Written to ``path.tmp`` and renamed: a crash leaves no half file. ``write``: whether
+    this process writes; default only process 0 (every process must still call it, since reading a
+    tensor may gather it collectively). Returns the number of data bytes."""
     path = Path(path)
+    keys = list(tensors) if keys is None else list(keys)
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name])
-        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-        if a.dtype not in _NAMES:
-            raise CheckpointError(f"cannot save tensor {name!r} of dtype {a.dtype}")
-        n = a.nbytes
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + n]}
+    plan = []
+    for key in keys:
+        shape = tensor_shape(tensors, key)
+        dtype = np.dtype(dtypes[key]) if dtypes is not None else tensor_dtype(tensors, key)
+        if dtype not in _NAMES:
+            raise CheckpointError(f"cannot save tensor {key!r} as {dtype}")
+        n = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        plan.append((key, shape, dtype))
         offset += n
-        arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    if write is None:
+        import jax
+
+        write = jax.process_index() == 0
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
-    os.replace(tmp, path)
+    f = open(tmp, "wb") if write else None
+    try:
+        if f is not None:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+        for key, shape, dtype in plan:
+            a = np.asarray(tensors[key])
+            if a.shape != shape:
+                raise CheckpointError(f"tensor {key!r} has shape {a.shape}, announced {shape}")
+            a = np.asarray(a, dtype=dtype, order="C")  # one copy at most (layout and cast together)
+            if f is not None:
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))
+            del a
+        if f is not None:
+            f.close()
+            f = None
+            os.replace(tmp, path)
+    finally:
+        if f is not None:
+            f.close()
+            tmp.unlink(missing_ok=True)
+    return offset
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (numpy or ml_dtypes arrays), keys sorted, atomically; written by the calling
+    process whatever its index (:func:`write_safetensors` with ``write=True``)."""
+    write_safetensors(path, tensors, keys=sorted(tensors), metadata=metadata, write=True)

@@ -12,15 +12,17 @@ the scanned stacks are unstacked into per-layer keys, kernels transposed back to
 Memory: both return a :class:`LazyTensors` mapping; every shape is known (and checked against the
 config) up front, but a tensor is only sliced out of the model (and transposed) where the model
 lives, moved to the host and laid out in torch order when it is read. The writers
-(:func:`save_diffusers`, :func:`save_bfl`, and :func:`write_safetensors` underneath) stream: the
-header is computed from the shapes, then each tensor is built, cast, written and dropped. Besides
-the model itself, the host holds a few copies of one tensor at most, whatever the depth: the
-largest FLUX.1 tensor, a single block's ``linear1``, is 21504 x 3072 (264 MB in float32), and a
-FLUX-width model's export peaked at +0.45-0.5 GB of RSS in float32 or bfloat16. No full second copy
-of the weights is ever made. Each file is written to ``<name>.tmp`` and renamed when complete.
+(:func:`save_diffusers`, :func:`save_bfl`, and ``weights.safetensors_io.write_safetensors``
+underneath) stream: the header is computed from the shapes, then each tensor is built, cast,
+written and dropped. Besides the model itself, the host holds a few copies of one tensor at most,
+whatever the depth: the largest FLUX.1 tensor, a single block's ``linear1``, is 21504 x 3072
+(264 MB in float32), and a FLUX-width model's export peaked at +0.45-0.5 GB of RSS in float32 or
+bfloat16. No full second copy of the weights is ever made. Each file is written to ``<name>.tmp``
+and renamed when complete.
 
-The generic parts (:class:`LazyTensors`, :class:`ParamSource`, :func:`write_safetensors`,
-:func:`save_diffusers_folder`) are shared with ``vipo_jax.models.wan.export``.
+The generic parts (:class:`LazyTensors`, :class:`ParamSource`, :func:`save_diffusers_folder`) are
+shared with ``vipo_jax.models.wan.export``; the streaming writer is ``weights.safetensors_io``'s
+(``write_safetensors``, re-exported here), which every other safetensors file is written with too.
 """
 
 from __future__ import annotations
@@ -30,13 +32,11 @@ import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -44,6 +44,7 @@ from vipo_jax.errors import CheckpointError
 from vipo_jax.models.config_io import architecture_dict
 from vipo_jax.models.flux.config import FluxConfig
 from vipo_jax.weights.loading import check_float_dtype
+from vipo_jax.weights.safetensors_io import tensor_dtype, tensor_shape, write_safetensors
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
@@ -71,12 +72,6 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 DEFAULT_MAX_SHARD_SIZE = "10GB"
 #: the first diffusers release with ``FluxTransformer2DModel`` (written as ``_diffusers_version``)
 FLUX_DIFFUSERS_VERSION = "0.30.0"
-
-_ST_NAMES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Shared machinery: our parameters in, lazily laid-out checkpoint tensors out, streamed to disk.
@@ -244,73 +239,15 @@ def target_dtypes(tensors: Mapping[str, np.ndarray], dtype: Any = None,
                   keep: Callable[[str], bool] | None = None) -> dict[str, np.dtype]:
     """The dtype each tensor is written in: its own, or ``dtype`` ("float32", "bfloat16",
     "float16") for every floating tensor except those ``keep(key)`` selects (kept as they are)."""
-    own = {k: (tensors.dtype(k) if hasattr(tensors, "dtype") else np.asarray(tensors[k]).dtype) for k in tensors}
+    own = {k: tensor_dtype(tensors, k) for k in tensors}
     if dtype is None:
         return own
     want = np.dtype(check_float_dtype(dtype, "export dtype"))
     return {k: (d if (keep is not None and keep(k)) else want) for k, d in own.items()}
 
 
-def _shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-    return tuple(tensors.shape(key)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[key]))
-
-
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
-
-
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
-                      keys: list[str] | None = None, dtypes: Mapping[str, np.dtype] | None = None,
-                      metadata: Mapping[str, str] | None = None) -> int:
-    """Stream ``tensors`` (``keys`` of them, in that order; default all) into one safetensors file,
-    each cast to ``dtypes[key]`` (default: its own dtype). The header comes from the shapes, then
-    the tensors are built, cast and written one at a time, so with a :class:`LazyTensors` only
-    the tensor being written is in host memory. Written to ``path.tmp`` then renamed. In a multi-process run
-    every process must call it (the tensors may be gathered collectively); only process 0 writes.
-    Returns the number of data bytes."""
-    path = Path(path)
-    keys = list(tensors) if keys is None else list(keys)
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    plan = []
-    for key in keys:
-        shape = _shape_of(tensors, key)
-        dtype = np.dtype(dtypes[key]) if dtypes is not None else np.dtype(
-            tensors.dtype(key) if hasattr(tensors, "dtype") else np.asarray(tensors[key]).dtype)
-        if dtype not in _ST_NAMES:
-            raise CheckpointError(f"cannot write tensor {key!r} as {dtype}")
-        n = _nbytes(shape, dtype)
-        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        plan.append((key, shape, dtype))
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    writer = jax.process_index() == 0
-    tmp = path.with_name(path.name + ".tmp")
-    f = open(tmp, "wb") if writer else None
-    try:
-        if f is not None:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-        for key, shape, dtype in plan:
-            a = np.asarray(tensors[key])
-            if a.shape != shape:
-                raise CheckpointError(f"tensor {key!r} has shape {a.shape}, announced {shape}")
-            a = np.asarray(a, dtype=dtype, order="C")  # one copy at most (layout and cast together)
-            if f is not None:
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-            del a
-        if f is not None:
-            f.close()
-            f = None
-            os.replace(tmp, path)
-    finally:
-        if f is not None:
-            f.close()
-            tmp.unlink(missing_ok=True)
-    return offset
 
 
 def parse_size(size: int | str) -> int:
@@ -359,7 +296,7 @@ def save_diffusers_folder(folder: str | os.PathLike, tensors: Mapping[str, np.nd
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtypes = dict(dtypes) if dtypes is not None else target_dtypes(tensors)
-    sizes = {k: _nbytes(_shape_of(tensors, k), dtypes[k]) for k in tensors}
+    sizes = {k: _nbytes(tensor_shape(tensors, k), dtypes[k]) for k in tensors}
     shards = plan_shards(sizes, parse_size(max_shard_size))
     if len(shards) == 1:
         names = [f"{DIFFUSERS_WEIGHTS}.safetensors"]
