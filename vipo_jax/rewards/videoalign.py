@@ -58,12 +58,20 @@ from vipo_jax.errors import CheckpointError, ConfigError, DataError
 from vipo_jax.models.dinov2.model import resize_bicubic_torch
 from vipo_jax.models.qwen2_vl.config import Qwen2VLConfig, preset
 from vipo_jax.models.qwen2_vl.convert import convert_hf
-from vipo_jax.models.qwen2_vl.loading import open_weights, runtime_overrides
+from vipo_jax.models.qwen2_vl.loading import open_weights
 from vipo_jax.models.qwen2_vl.model import Qwen2VLModel
 from vipo_jax.nn.annotate import linear_init
 from vipo_jax.rewards.registry import LoadedReward, RewardContext, RewardEntry, register
 from vipo_jax.text.tokenizers import load_tokenizer
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, init_model, linear, load_into
+from vipo_jax.weights.loading import (
+    ShardingFn,
+    SourceKeys,
+    abstract_model,
+    dtype_overrides,
+    init_model,
+    linear,
+    load_into,
+)
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
 from vipo_jax.weights.torch_pickle import load_torch_state_dict
 
@@ -653,7 +661,7 @@ def load_videoalign(folder: str | os.PathLike, *, base: str | os.PathLike | None
     text_over = dict(overrides.pop("text_config", None) or {})
     text_over.setdefault("vocab_size", vocab)
     qcfg = Qwen2VLConfig.from_pretrained(base_dir, text_config=text_over,
-                                         **runtime_overrides(param_dtype, dtype, overrides))
+                                         **dtype_overrides(overrides, param_dtype, dtype))
     if settings.lora_enable and settings.num_lora_modules == -1:
         want = {f"model.layers.{i}.{n}.weight" for i in range(qcfg.text_config.num_hidden_layers) for n in _LLM_LINEARS}
         missing = sorted(want - set(merged.lora))

@@ -166,3 +166,16 @@ def check_float_dtype(dtype: Any, what: str) -> jnp.dtype:
     if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise CheckpointError(f"{what}: dtype must be float32, bfloat16 or float16, got {d}")
     return d
+
+
+def dtype_overrides(overrides: Mapping[str, Any], param_dtype: Any = None, dtype: Any = None, *,
+                    what: str = "") -> dict[str, Any]:
+    """A loader's config ``overrides`` with its ``param_dtype`` / ``dtype`` arguments, validated
+    (None: keep the config's)."""
+    out = dict(overrides)
+    prefix = f"{what} " if what else ""
+    if param_dtype is not None:
+        out["param_dtype"] = str(check_float_dtype(param_dtype, f"{prefix}param_dtype"))
+    if dtype is not None:
+        out["dtype"] = str(check_float_dtype(dtype, f"{prefix}dtype"))
+    return out

@@ -10,7 +10,7 @@ from vipo_jax.errors import CheckpointError
 from vipo_jax.models.blip.config import ImageRewardConfig
 from vipo_jax.models.blip.convert import convert_image_reward
 from vipo_jax.models.blip.model import ImageRewardModel
-from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -22,10 +22,7 @@ def from_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"ImageReward folder not found: {folder}")
-    if param_dtype is not None:
-        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
+    overrides = dtype_overrides(overrides, param_dtype, dtype)
     cfg = ImageRewardConfig.from_pretrained(folder, **overrides)
     params = convert_image_reward(open_checkpoint(folder, "model"), cfg, where=str(folder))
     abstract = abstract_model(ImageRewardModel, cfg)

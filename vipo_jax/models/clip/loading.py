@@ -19,19 +19,10 @@ from vipo_jax.models.clip.convert import convert_hf, convert_open_clip, detect_l
 from vipo_jax.models.clip.model import CLIPModel
 from vipo_jax.models.clip.text import CLIPTextModel
 from vipo_jax.models.clip.vision import CLIPVisionModel
-from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 LAYOUTS = ("hf", "open_clip")
-
-
-def _runtime(param_dtype, dtype, overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(overrides)
-    if param_dtype is not None:
-        out["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        out["dtype"] = str(check_float_dtype(dtype, "dtype"))
-    return out
 
 
 def _open_folder(folder: Path) -> Mapping:
@@ -81,7 +72,7 @@ def _load_model(path_or_file: str | os.PathLike, *, layout: str | None = None, c
         raise CheckpointError(f"CLIP checkpoint not found: {path}")
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    cfg = _resolve_config(config, path, _runtime(param_dtype, dtype, overrides))
+    cfg = _resolve_config(config, path, dtype_overrides(overrides, param_dtype, dtype))
     tensors = _open_folder(path) if path.is_dir() else open_checkpoint(path)
     layout = layout or detect_layout(tensors.keys())
     where = str(path)
@@ -97,7 +88,7 @@ def _load_text(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"CLIP text encoder folder not found: {folder}")
-    cfg = CLIPTextConfig.from_pretrained(folder, **_runtime(param_dtype, dtype, overrides))
+    cfg = CLIPTextConfig.from_pretrained(folder, **dtype_overrides(overrides, param_dtype, dtype))
     params = convert_hf(_open_folder(folder), cfg, str(folder))
     abstract = abstract_model(CLIPTextModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)
@@ -109,7 +100,7 @@ def _load_vision(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: A
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"CLIP vision encoder folder not found: {folder}")
-    cfg = CLIPVisionConfig.from_pretrained(folder, **_runtime(param_dtype, dtype, overrides))
+    cfg = CLIPVisionConfig.from_pretrained(folder, **dtype_overrides(overrides, param_dtype, dtype))
     params = convert_hf(_open_folder(folder), cfg, str(folder))
     abstract = abstract_model(CLIPVisionModel, cfg)
     return load_into(abstract, params, where=str(folder), sharding=sharding)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.models.dinov2.config import Dinov2Config
+from vipo_jax.nn.activations import activation
 from vipo_jax.nn.annotate import conv_init, linear_init, norm_init
 from vipo_jax.nn.attention import attention
 from vipo_jax.nn.stack import make_stack, scan_stack
@@ -96,17 +97,6 @@ def resize_bicubic_torch(x: jax.Array, size: Sequence[int], *, antialias: bool =
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-def _activation(name: str):
-    return {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "relu": jax.nn.relu,
-    }[name]
 
 
 def _norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
@@ -194,7 +184,7 @@ class Dinov2MLP(nnx.Module):
         self.fc2 = nnx.Linear(cfg.mlp_hidden, cfg.hidden_size, **kw, **linear_init("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(constrain(_activation(self.hidden_act)(self.fc1(x)), _HIDDEN))
+        return self.fc2(constrain(activation(self.hidden_act)(self.fc1(x)), _HIDDEN))
 
 
 class Dinov2SwiGLU(nnx.Module):

@@ -14,17 +14,8 @@ from vipo_jax.errors import CheckpointError
 from vipo_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vipo_jax.models.qwen2_vl.convert import convert_hf
 from vipo_jax.models.qwen2_vl.model import Qwen2VLModel
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
-
-
-def runtime_overrides(param_dtype: Any, dtype: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(overrides)
-    if param_dtype is not None:
-        out["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        out["dtype"] = str(check_float_dtype(dtype, "dtype"))
-    return out
 
 
 def open_weights(folder: Path) -> Mapping[str, np.ndarray]:
@@ -48,7 +39,7 @@ def from_pretrained(path: str | Path, *, param_dtype: Any = None, dtype: Any = N
     """Load a transformers Qwen2-VL folder. ``overrides``: :class:`Qwen2VLConfig` fields (runtime
     options such as ``remat`` / ``attention``, or ``text_config={...}`` / ``vision_config={...}``)."""
     folder = Path(path)
-    cfg = Qwen2VLConfig.from_pretrained(folder, **runtime_overrides(param_dtype, dtype, overrides))
+    cfg = Qwen2VLConfig.from_pretrained(folder, **dtype_overrides(overrides, param_dtype, dtype))
     return load_params(cfg, open_weights(folder), where=str(folder), sharding=sharding)
 
 

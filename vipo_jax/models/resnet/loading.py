@@ -9,7 +9,7 @@ from typing import Any
 from vipo_jax.models.resnet.config import ResNetConfig
 from vipo_jax.models.resnet.convert import convert_hf
 from vipo_jax.models.resnet.model import ResNetModel
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -19,10 +19,7 @@ def from_pretrained(path: str | Path, *, param_dtype: Any = None, dtype: Any = N
     folder, e.g. a snapshot of microsoft/resnet-50 (the classifier head is dropped). ``overrides``
     are :class:`ResNetConfig` fields (``remat``...)."""
     path = Path(path)
-    if param_dtype is not None:
-        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
+    overrides = dtype_overrides(overrides, param_dtype, dtype)
     cfg = ResNetConfig.from_pretrained(path, **overrides)
     abstract = abstract_model(ResNetModel, cfg)
     params = convert_hf(SourceKeys(open_checkpoint(path, stem="model"), where=str(path)), cfg)

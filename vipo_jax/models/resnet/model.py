@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipo_jax.models.resnet.config import BOTTLENECK_REDUCTION, ResNetConfig
+from vipo_jax.nn.activations import activation
 from vipo_jax.nn.annotate import conv_init
 from vipo_jax.nn.stack import make_stack, scan_stack
 from vipo_jax.sharding.rules import constrain
@@ -34,18 +35,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MAP = ("batch", None, None, "act_embed")
-
-
-def _activation(name: str | None):
-    if name is None:
-        return lambda x: x
-    return {
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-    }[name]
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -76,7 +65,7 @@ class ConvNorm(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _activation(self.activation)(self.norm(self.conv(x)))
+        return activation(self.activation)(self.norm(self.conv(x)))
 
 
 class ResNetLayer(nnx.Module):
@@ -106,7 +95,7 @@ class ResNetLayer(nnx.Module):
         if self.conv3 is not None:
             h = self.conv3(h)
         residual = self.shortcut(x) if self.shortcut is not None else x
-        return constrain(_activation(self.hidden_act)(h + residual), _MAP)
+        return constrain(activation(self.hidden_act)(h + residual), _MAP)
 
 
 class ResNetStage(nnx.Module):

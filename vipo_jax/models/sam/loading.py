@@ -9,7 +9,7 @@ from typing import Any
 from vipo_jax.models.sam.config import SamVisionConfig
 from vipo_jax.models.sam.convert import convert_hf
 from vipo_jax.models.sam.model import SamVisionEncoder
-from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, SourceKeys, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -19,10 +19,7 @@ def from_pretrained(path: str | Path, *, param_dtype: Any = None, dtype: Any = N
     facebook/sam-vit-base; prompt encoder and mask decoder are skipped) or of a ``SamVisionModel``
     folder. ``overrides`` are :class:`SamVisionConfig` fields (``remat``, ``attention``...)."""
     path = Path(path)
-    if param_dtype is not None:
-        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "param_dtype"))
-    if dtype is not None:
-        overrides["dtype"] = str(check_float_dtype(dtype, "dtype"))
+    overrides = dtype_overrides(overrides, param_dtype, dtype)
     cfg = SamVisionConfig.from_pretrained(path, **overrides)
     abstract = abstract_model(SamVisionEncoder, cfg)
     params = convert_hf(SourceKeys(open_checkpoint(path, stem="model"), where=str(path)), cfg)

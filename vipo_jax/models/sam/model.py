@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.models.sam.config import NECK_LAYER_NORM_EPS, SamVisionConfig
+from vipo_jax.nn.activations import activation
 from vipo_jax.nn.annotate import conv_init, linear_init, norm_init
 from vipo_jax.nn.attention import attention
 from vipo_jax.nn.stack import make_stack, scan_stack
@@ -40,19 +41,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRID = ("batch", None, None, "act_embed")
 _HEADS = ("batch", "length", "act_heads", None)
 _HIDDEN = ("batch", None, None, "act_mlp")
-
-
-def _activation(name: str):
-    return {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "relu": jax.nn.relu,
-    }[name]
 
 
 def _norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
@@ -150,7 +138,7 @@ class SamMLP(nnx.Module):
         self.lin2 = nnx.Linear(cfg.mlp_dim, cfg.hidden_size, **kw, **linear_init("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.lin2(constrain(_activation(self.hidden_act)(self.lin1(x)), _HIDDEN))
+        return self.lin2(constrain(activation(self.hidden_act)(self.lin1(x)), _HIDDEN))
 
 
 class SamVisionLayer(nnx.Module):

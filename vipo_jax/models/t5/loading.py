@@ -8,7 +8,7 @@ from typing import Any
 from vipo_jax.models.t5.config import T5Config
 from vipo_jax.models.t5.convert import convert_hf
 from vipo_jax.models.t5.model import T5Encoder
-from vipo_jax.weights.loading import ShardingFn, abstract_model, check_float_dtype, load_into
+from vipo_jax.weights.loading import ShardingFn, abstract_model, dtype_overrides, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint
 
 
@@ -18,10 +18,7 @@ def from_pretrained(folder: str | Path, *, param_dtype: Any = None, dtype: Any =
     sharded ``model.safetensors.index.json``). Full encoder-decoder checkpoints load too (the
     decoder is skipped). ``overrides`` set :class:`T5Config` runtime fields (``remat``, ``attention``)."""
     folder = Path(folder)
-    if param_dtype is not None:
-        overrides["param_dtype"] = str(check_float_dtype(param_dtype, "T5 param_dtype"))
-    if dtype is not None:
-        overrides["dtype"] = str(check_float_dtype(dtype, "T5 dtype"))
+    overrides = dtype_overrides(overrides, param_dtype, dtype, what='T5')
     cfg = T5Config.from_pretrained(folder, **overrides)
     abstract = abstract_model(T5Encoder, cfg)
     has_model = any(folder.glob("model.safetensors*"))  # transformers' name; else the only checkpoint
