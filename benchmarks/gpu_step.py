@@ -1,18 +1,30 @@
-"""One ViPO iteration on an accelerator: the toy step, and a step at FLUX.1-dev width (3072, 24
-heads x 128, the real VAE and DINOv2-L, 512x512, T5 length 512) with fewer blocks so one GPU holds
-it, with the cuDNN attention kernel. Prints iteration time, XLA's FLOP count and the MFU against
-a bf16 matmul measured in the same run.
+"""One ViPO iteration of the FLUX.1-dev recipe on one accelerator: iteration time, peak memory, MFU
+per phase, with and without the SDE window.
 
-    python benchmarks/gpu_step.py [--double 2] [--single 4] [--group 8] [--micro_batch 4] [--attention cudnn]
+    python benchmarks/gpu_step.py --full --lora 64 --group 12 --micro_batch 4   # the paper's shapes
+    python benchmarks/gpu_step.py --full --lora 64 --group 12 --micro_batch 4 --window 2
+    python benchmarks/gpu_step.py --dry_run        # minutes on a CPU: every code path, tiny shapes
 
-Random weights (speed does not depend on them); reward = redness (the reward model's cost is a
-small part at this size); the whole step (rollout, decode, reward, PSM, update) is one jit.
+``--full``: FLUX.1-dev's 19 double + 38 single blocks at width 3072 (12B parameters, random
+weights: speed does not depend on them), the real VAE and DINOv2-L shapes, T5 length 512, 512²,
+bf16 compute over float32 master weights (the configs/flux.py recipe, ``world=random``). Without
+``--full`` the width stays and ``--double`` / ``--single`` blocks are built (the 2 + 4 block step
+fits any GPU). ``--lora R`` trains rank-R adapters of the attention and MLP projections (the
+base weights frozen in bf16 with ``--frozen_bf16``, default on with LoRA: 24 GB instead of 48 GB).
+The reward is redness (a reward model's cost is a small share at this size; the planner counts
+HPSv2.1). Each configuration in ``--window`` (comma-separated, 0 = the full SDE) is one row:
+
+    iteration s | peak GiB | model TFLOP/it | MFU | rollout / decode / reward / PSM / update s and MFU
+
+Per-phase times come from each phase jitted alone at the step's shapes (training/throughput.py);
+the update is the whole step minus the others. MFU is against the vendor's dense bf16 peak for a
+known device (utils/devices.py), else a bf16 matmul measured here. ``--dry_run`` uses 1 + 1 blocks
+of width 128, 128², G 2 and the XLA attention on any backend, and checks every row ran.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,137 +35,123 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from configs.flux import get_config  # noqa: E402
+from vipo_jax.training.lora import lora_config  # noqa: E402
+from vipo_jax.training.optim import make_optimizer  # noqa: E402
+from vipo_jax.training.run import init_state  # noqa: E402
+from vipo_jax.training.step import train_step_for  # noqa: E402
+from vipo_jax.training.step_config import StepConfig  # noqa: E402
+from vipo_jax.training.throughput import phase_report, profile_phases  # noqa: E402
+from vipo_jax.worlds import build_world  # noqa: E402
 
-def matmul_peak(dtype=jnp.bfloat16, n: int = 8192, reps: int = 10) -> float:
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def time_step(step, state, frozen, batch, repeats: int) -> tuple[float, float, float]:
-    """(compile seconds, min iteration seconds, FLOPs per iteration from XLA's cost analysis)."""
-    t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, frozen, batch).compile()
-    t_compile = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    state, m = compiled(state, frozen, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return t_compile, min(times), flops
+DRY = "num_layers=1,num_single_layers=1,num_attention_heads=1,joint_attention_dim=64,pooled_projection_dim=32"
 
 
-def _xla_flops(fn, *args) -> float:
-    from vipo_jax.nn.stack import unrolled_stacks
-
-    with unrolled_stacks():
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0))
-
-
-def toy_step(repeats: int) -> dict:
-    from configs.flux import get_config
-    from vipo_jax.training.optim import make_optimizer
-    from vipo_jax.training.run import init_state
-    from vipo_jax.training.step import train_step_for
-    from vipo_jax.training.step_config import StepConfig
-    from vipo_jax.worlds import build_world
-
-    c = get_config("toy")
-    world = build_world(c)
-    opt = make_optimizer(c)
-    step = train_step_for(world, StepConfig.from_config(c), opt)
-    batch = world.batch(world.prompt_loader(c.sampling.prompts_per_iter, 0).next())
-    state = init_state(jax.tree.map(jnp.copy, world.params), opt, 0)
-    tc, ti, fl = time_step(step, state, world.frozen, batch, repeats)
-    return {"name": "toy (64^2, 4 prompts x G 8, 8 steps)", "compile_s": tc, "iter_s": ti, "flops": fl}
-
-
-def wide_config(a):
-    """The FLUX.1-dev recipe at 512^2 with random weights (``world=random``), ``a.double`` + ``a.single``
-    blocks at the real width, one prompt x G ``a.group``, redness as the reward."""
-    from configs.flux import get_config
-
+def step_config(a: argparse.Namespace, window: int):
     c = get_config("")
     c.world = "random"
-    c.model.arch = f"num_layers={a.double},num_single_layers={a.single}"
     c.model.remat, c.model.attention = a.remat, a.attention
-    c.sampling.group_size, c.sampling.prompts_per_iter = a.group, 1
+    if a.dry_run:
+        c.model.arch, c.model.attention = DRY, "xla"
+        c.sampling.height = c.sampling.width = 128
+        c.sampling.max_text_len = 16
+    elif not a.full:
+        c.model.arch = f"num_layers={a.double},num_single_layers={a.single}"
+    c.sampling.group_size, c.sampling.prompts_per_iter = a.group, a.prompts
     c.train.micro_batch = a.micro_batch
+    c.sampling.sde_window = window
+    c.lora.rank = a.lora
     c.rewards.names, c.rewards.coefs = "redness", "1.0"
     return c
 
 
-def wide_step(a, repeats: int) -> dict:
-    from vipo_jax.models.flux.flops import flux_forward_flops
-    from vipo_jax.training.optim import make_optimizer
-    from vipo_jax.training.run import init_state
-    from vipo_jax.training.step import train_step_for
-    from vipo_jax.training.step_config import StepConfig
-    from vipo_jax.training.throughput import iteration_flops
-    from vipo_jax.worlds import build_world
+def peak_bytes() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats.get("peak_bytes_in_use", float("nan")))
 
-    c = wide_config(a)
+
+def run_one(a: argparse.Namespace, window: int) -> dict:
+    c = step_config(a, window)
     world = build_world(c)
-    fcfg = world.policy().cfg
-    n_params = sum(x.size for x in jax.tree.leaves(world.params))
+    forward_flops = world.family.forward_flops(c, world.policy())
+    params = world.params
+    lora = lora_config(c)
+    if lora.enabled:
+        world, params, _ = world.with_lora(lora, c.seed)
+        if a.frozen_bf16:  # the frozen base weights in bf16: half the memory, the compute dtype anyway
+            world = world.placed(jax.tree.map(
+                lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, world.frozen))
     sc = StepConfig.from_config(c)
     opt = make_optimizer(c)
     step = train_step_for(world, sc, opt)
-    batch = world.batch(np.arange(1))
-    state = init_state(world.params, opt, 0)
-    x0 = jax.ShapeDtypeStruct((a.group,) + tuple(world.latent_shape), jnp.float32)
-    im = jax.ShapeDtypeStruct((a.group, 512, 512, 3), jnp.float32)
-    frozen_flops = _xla_flops(world.decode_fn, world.frozen, x0) + _xla_flops(world.feature_fn, world.frozen, im)
-    analytic = iteration_flops(flux_forward_flops(fcfg, 1024, 512), samples=a.group, num_steps=sc.num_steps,
-                               trained_steps=sc.num_train_timesteps, remat=a.remat, frozen=frozen_flops)
-    tc, ti, fl = time_step(step, state, world.frozen, batch, repeats)
-    return {"analytic": analytic,
-            "name": f"FLUX width, {a.double}+{a.single} blocks ({n_params / 1e9:.2f}B), 512^2, 1 prompt x G "
-                    f"{a.group}, mb {a.micro_batch}, {a.attention}, remat {a.remat}",
-            "compile_s": tc, "iter_s": ti, "flops": fl, "sc": dataclasses.asdict(sc)}
+    batch = world.batch(np.arange(a.prompts))
+    state = init_state(params, opt, 0)
+    n_trained = sum(x.size for x in jax.tree.leaves(params))
+    t = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, world.frozen, batch).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    state, m = compiled(state, world.frozen, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        state, m = compiled(state, world.frozen, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    assert np.isfinite(float(m["loss"])), "the step's loss is not finite"
+    full = world.full_params(state["params"], world.frozen) if lora.enabled else state["params"]
+    profile = profile_phases(world, sc, full, world.frozen, batch, micro_batch=c.train.micro_batch,
+                             remat=c.model.remat, forward_flops=forward_flops)
+    rep = phase_report(profile, min(times))
+    temp = getattr(mem, "temp_size_in_bytes", float("nan"))
+    args = getattr(mem, "argument_size_in_bytes", float("nan"))
+    peak = peak_bytes()  # the allocator's peak on a GPU; XLA's arguments + temporaries elsewhere (no stats)
+    return {"window": window, "compile_s": compile_s, "iter_s": min(times),
+            "peak_gib": (peak if np.isfinite(peak) else temp + args) / 2**30,
+            "xla_gib": (temp + args) / 2**30, "trained_m": n_trained / 1e6, "report": rep,
+            "peak_source": profile["_peak_source"], "train_steps": sc.num_train_timesteps}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="FLUX.1-dev's 19 + 38 blocks")
     p.add_argument("--double", type=int, default=2)
     p.add_argument("--single", type=int, default=4)
-    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
+    p.add_argument("--frozen_bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--group", type=int, default=12)
+    p.add_argument("--prompts", type=int, default=1)
     p.add_argument("--micro_batch", type=int, default=4)
+    p.add_argument("--window", default="0,2", help="comma-separated sampling.sde_window values (0: full SDE)")
     p.add_argument("--attention", default="cudnn")
     p.add_argument("--remat", default="full")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip_toy", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--dry_run", action="store_true", help="tiny shapes on any backend: checks the script")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        a.group, a.micro_batch, a.repeats, a.lora, a.attention = 2, 1, 1, a.lora or 4, "xla"
     dev = jax.devices()[0]
-    peak = matmul_peak()
-    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; measured bf16 matmul peak "
-          f"{peak / 1e12:.0f} TFLOP/s")
-    rows = ([] if a.skip_toy else [toy_step(a.repeats)]) + [wide_step(a, a.repeats)]
-    print("\n| step | compile s | iteration s | model TFLOP / it (analytic) | + remat recompute | "
-          "model TFLOP/s | MFU vs measured peak | HW FLOP util |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    rows = [run_one(a, int(w)) for w in a.window.split(",")]
+    what = "dry run (1+1 blocks, width 128, 128^2)" if a.dry_run else \
+        ("FLUX.1-dev 19+38 blocks" if a.full else f"FLUX width {a.double}+{a.single} blocks")
+    print(f"\n{what}, 512^2 unless a dry run, {a.prompts} prompt x G {a.group}, micro-batch {a.micro_batch}, "
+          f"LoRA {a.lora or 'off'}, remat {a.remat}, attention {a.attention}; "
+          f"MFU against the {rows[0]['peak_source']}\n")
+    print("| SDE window | trained steps | compile s | iteration s | peak GiB | model TFLOP/it | step MFU | "
+          "rollout s (MFU) | decode s | rewards s | PSM s | update s (MFU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        an = r.get("analytic")
-        if an is None:  # XLA counts loop bodies once: for the toy only a lower bound is printed
-            print(f"| {r['name']} | {r['compile_s']:.1f} | {r['iter_s']:.3f} | >= {r['flops'] / 1e12:.3f} (XLA) "
-                  f"| | | | |")
-            continue
-        m, h = an.model_flops / r["iter_s"], an.hardware_flops / r["iter_s"]
-        print(f"| {r['name']} | {r['compile_s']:.1f} | {r['iter_s']:.3f} | {an.model_flops / 1e12:.1f} | "
-              f"{an.recompute / 1e12:.1f} | {m / 1e12:.0f} | {100 * m / peak:.1f}% | {100 * h / peak:.1f}% |")
+        q = r["report"]
+        print(f"| {r['window'] or 'full'} | {r['train_steps']} | {r['compile_s']:.0f} | {r['iter_s']:.2f} | "
+              f"{r['peak_gib']:.1f} | {q['phase/step_tflop']:.1f} | {100 * q['phase/step_mfu']:.1f}% | "
+              f"{q['phase/rollout_s']:.2f} ({100 * q['phase/rollout_mfu']:.0f}%) | {q['phase/decode_s']:.2f} | "
+              f"{q['phase/rewards_s']:.2f} | {q.get('phase/psm_s', 0.0):.2f} | "
+              f"{q['phase/update_s']:.2f} ({100 * q['phase/update_mfu']:.0f}%) |")
+    if a.dry_run:
+        assert len(rows) == len(a.window.split(",")) and all(r["iter_s"] > 0 for r in rows)
+        print("\ndry run ok")
 
 
 if __name__ == "__main__":

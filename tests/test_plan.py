@@ -51,3 +51,18 @@ def test_plan_flux_dev_512_on_8_devices():
     assert cells[9] == "yes"
     m = re.search(r"analytic ([\d.]+) TFLOP vs XLA ([\d.]+) TFLOP", out)
     assert m and abs(float(m.group(1)) / float(m.group(2)) - 1) < 0.10
+
+
+def test_model_arch_overrides_the_preset_of_an_abstract_world():
+    """--config.model.arch (the shallower real-width models of benchmarks/gpu_step.py and the
+    planner) replaces FluxConfig fields; a name that is not a field is a ConfigError."""
+    from configs.flux import get_config
+    from vipo_jax.worlds import build_world
+
+    c = get_config("")
+    c.model.arch = "num_layers=2,num_single_layers=4"
+    policy = build_world(c, "abstract").policy()
+    assert (policy.cfg.num_layers, policy.cfg.num_single_layers, policy.cfg.inner_dim) == (2, 4, 3072)
+    c.model.arch = "num_layers=2,depth=3"
+    with pytest.raises(ConfigError, match="depth"):
+        build_world(c, "abstract")

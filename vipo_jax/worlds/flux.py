@@ -9,6 +9,7 @@ or the FLUX.1 shapes (``flux-dev`` / ``flux-schnell`` presets, with ``model.arch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ class FluxFamily(Family):
                      attention=m.attention)
         over = arch_overrides(c)
         if over:
-            cfg = FluxConfig.from_dict({**cfg.to_dict(), **over})
+            unknown = sorted(set(over) - {f.name for f in dataclasses.fields(FluxConfig)})
+            if unknown:
+                raise ConfigError(f"--config.model.arch: {', '.join(unknown)} not FluxConfig field(s)")
+            cfg = cfg.replace(**over)
         policy = init_model(FluxTransformer, cfg, abstract=abstract)
         decoder = init_model(AutoencoderKL, AutoencoderKLConfig.flux1(dtype=m.dtype), abstract=abstract, seed=1)
         return policy, decoder
