@@ -88,7 +88,7 @@ def test_evaluate_base_vs_checkpoint(toy, run_dir, tmp_path):
                    progress=False)
     metrics = {"redness", "subject_redness", "background_redness", "subject_fraction", "toy_clip", "digit_accuracy",
                "digit_logprob", "digit_accuracy_eval", "color_match"}
-    assert set(res["metrics"]) == metrics and res["in_domain"] == ["redness"]
+    assert set(res["metrics"]) == metrics and res["in_domain"] == ["subject_redness"]
     assert list(res["checkpoints"]) == ["base", "half", "base#2"]
     assert res["checkpoints"]["half"]["step"] == 7
     for r in res["checkpoints"].values():

@@ -115,7 +115,7 @@ def test_embedded_default_run(tmp_path):
                          timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     s = json.loads((tmp_path / "toy" / "summary.json").read_text())
-    assert s["reward/redness/last10pct"] > s["reward/redness/first10pct"] + 0.05, s
+    assert s["reward/subject_redness/last10pct"] > s["reward/subject_redness/first10pct"] + 0.05, s
     # every phase timed once, with its FLOPs and MFU; the step's MFU per iteration too
     for p in ("rollout", "decode", "rewards", "psm", "update"):
         assert s[f"phase/{p}_s"] > 0 and s[f"phase/{p}_tflop"] > 0 and 0 < s[f"phase/{p}_mfu"] < 1.5, (p, s)
