@@ -21,7 +21,7 @@ from vipo_jax.training.checks import check_config
 from vipo_jax.training.optim import make_optimizer
 from vipo_jax.training.run import init_state
 from vipo_jax.training.step import jit_train_step, train_step_for
-from vipo_jax.training.throughput import iteration_flops
+from vipo_jax.training.throughput import frozen_phase_flops, iteration_flops
 from vipo_jax.utils.devices import Device
 from vipo_jax.worlds import build_world
 
@@ -68,9 +68,10 @@ def plan(c: mlc.ConfigDict, device: Device, *, mfu: float = 0.4, mesh: jax.shard
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     B = c.sampling.prompts_per_iter * c.sampling.group_size
+    frozen_flops = frozen_phase_flops(world, sc, batch, compile=False)  # decode, rewards, PSM (XLA)
     it = iteration_flops(world.family.forward_flops(c, policy), samples=B, num_steps=sc.num_steps,
                          trained_steps=sc.num_train_timesteps, remat=c.model.remat,
-                         cfg_passes=world.family.cfg_passes(world.options))
+                         cfg_passes=world.family.cfg_passes(world.options), frozen=sum(frozen_flops.values()))
     out = {
         "model": world.family.describe(c), "mesh": dict(mesh.shape), "devices": n_dev, "device": device.name,
         "samples_per_iteration": B, "compile_s": compile_s, "rewards": [n for n, _ in sc.rewards],
@@ -85,6 +86,8 @@ def plan(c: mlc.ConfigDict, device: Device, *, mfu: float = 0.4, mesh: jax.shard
         "outputs_gib": mem.output_size_in_bytes / GiB if mem else float("nan"),
         "aliased_gib": mem.alias_size_in_bytes / GiB if mem else float("nan"),
         "model_tflop": it.model_flops / 1e12, "hardware_tflop": it.hardware_flops / 1e12,
+        "phase_tflop": {"rollout": it.rollout / 1e12, "update": it.train / 1e12,
+                        **{k: v / 1e12 for k, v in frozen_flops.items()}},
         "mfu": mfu,
     }
     out["peak_gib"] = out["arguments_gib"] + out["temporaries_gib"] + out["outputs_gib"] - out["aliased_gib"]
@@ -112,6 +115,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def phases_line(r: dict) -> str:
+    """The iteration's model TFLOP by phase: where the FLOPs go."""
+    ph = r.get("phase_tflop") or {}
+    return "TFLOP by phase: " + ", ".join(f"{k} {v:.4g}" for k, v in ph.items())
+
+
 def flops_check_line(r: dict) -> str:
     f = r.get("flops_check")
     if not f:
@@ -120,4 +129,4 @@ def flops_check_line(r: dict) -> str:
             f"TFLOP vs XLA {f['xla_tflop']:.3f} TFLOP ({100 * f['rel_diff']:+.1f}%)")
 
 
-__all__ = ["flops_check_line", "plan", "table"]
+__all__ = ["flops_check_line", "phases_line", "plan", "table"]

@@ -58,12 +58,35 @@ def iteration_flops(forward: float, *, samples: int, num_steps: int, trained_ste
     return IterationFlops(rollout=rollout, train=train, recompute=recompute, frozen=frozen)
 
 
-def xla_flops(fn: Callable, *args: Any) -> float:
-    """XLA's FLOP count of ``fn(*args)`` with every layer stack unrolled (0 where not reported)."""
+def xla_flops(fn: Callable, *args: Any, compile: bool = True) -> float:
+    """XLA's FLOP count of ``fn(*args)`` with every layer stack unrolled (0 where not reported).
+    ``args`` may be abstract (``jax.ShapeDtypeStruct``); ``compile=False`` counts the lowered
+    program without compiling it (the planner's full-size models: seconds instead of minutes)."""
     with unrolled_stacks():
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        lowered = jax.jit(fn).lower(*args)
+        cost = lowered.compile().cost_analysis() if compile else lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def frozen_phase_flops(world: Any, cfg: Any, batch: dict, *, compile: bool = True) -> dict[str, float]:
+    """XLA's FLOPs of one iteration's decode, rewards and PSM (backbone + map) at the step's shapes,
+    from shapes alone (``batch``: one iteration's per-prompt batch, arrays or ShapeDtypeStructs)."""
+    G = cfg.group_size
+    P = jax.tree.leaves(batch["cond"])[0].shape[0]
+    x0 = jax.ShapeDtypeStruct((P * G,) + tuple(world.latent_shape), jnp.float32)
+    images = jax.eval_shape(world.decode_fn, world.frozen, x0)
+    per_sample = jax.eval_shape(lambda b: repeat_groups(b, G), {k: v for k, v in batch.items() if k != "cond"})
+
+    def rewards(fr, im, b):
+        return {n: fn(fr, im, b) for n, fn in world.rewards.items()}
+
+    out = {"decode": xla_flops(world.decode_fn, world.frozen, x0, compile=compile),
+           "rewards": xla_flops(rewards, world.frozen, images, per_sample, compile=compile)}
+    if cfg.psm is not None and world.has_backbone:
+        out["psm"] = xla_flops(lambda fr, im, lat: world.psm_maps(fr, im, lat, cfg.psm), world.frozen, images, x0,
+                               compile=compile)
+    return out
 
 
 def matmul_peak(dtype: Any = None, n: int | None = None, reps: int = 3) -> float:
@@ -133,14 +156,10 @@ def profile_phases(world: Any, cfg: Any, params: Any, frozen: Any, batch: dict, 
     out["phase/decode_s"] = _best_time(lambda: jit_decode(frozen, x0))
     images = jit_decode(frozen, x0)
     out["phase/rewards_s"] = _best_time(lambda: jit_rewards(frozen, images, per_sample))
-    frozen_flops = {"decode": xla_flops(decode, frozen, x0), "rewards": xla_flops(rewards, frozen, images, per_sample)}
     if cfg.psm is not None and world.has_backbone:
-        def psm(fr, im, lat):
-            return world.psm_maps(fr, im, lat, cfg.psm)
-
-        jit_psm = jax.jit(psm)
+        jit_psm = jax.jit(lambda fr, im, lat: world.psm_maps(fr, im, lat, cfg.psm))
         out["phase/psm_s"] = _best_time(lambda: jit_psm(frozen, images, x0))
-        frozen_flops["psm"] = xla_flops(psm, frozen, images, x0)
+    frozen_flops = frozen_phase_flops(world, cfg, batch)
     it = iteration_flops(forward_flops, samples=B, num_steps=S, trained_steps=cfg.num_train_timesteps, remat=remat,
                          cfg_passes=world.family.cfg_passes(world.options))
     out["phase/rollout_tflop"] = it.rollout / 1e12
