@@ -15,3 +15,8 @@ class ConfigError(VipoError, ValueError):
 
 class DataError(VipoError, ValueError):
     """Input data (prompt files, images) is missing, empty or malformed."""
+
+
+class WorkdirError(VipoError):
+    """A run's ``--workdir`` cannot be used: it is a file, read-only or full, or it holds a run trained
+    with another config."""

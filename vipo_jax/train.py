@@ -1,7 +1,9 @@
 """Command line: ``python -m vipo_jax.train --config=configs/flux.py:toy --workdir=runs/toy``.
 
 Dotted overrides: ``--config.optim.lr=1e-5 --config.psm.enabled=False``. Re-running with the same
-``--workdir`` resumes from its latest checkpoint.
+``--workdir`` resumes from its latest checkpoint; a config that differs from the workdir's
+``config.json`` in a key that changes training is refused (the keys are listed) unless
+``--resume_anyway`` (recorded in ``resumes.jsonl``). Every error is one line ``error: ...``, exit status 2.
 
 Several hosts: run the same command on every host with ``--distributed``; ``jax.distributed`` takes
 the coordinator (host:port), process count and process id from ``VIPO_COORDINATOR``,
@@ -17,7 +19,6 @@ iteration; with the persistent compilation cache a restart reads the executable 
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # tokenizers only: no "PyTorch not found" banner
 
@@ -25,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vipo_jax.errors import VipoError
+from vipo_jax.utils.cli import fail, flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, samples, checkpoints)")
@@ -33,6 +35,8 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step
                                    "per-device memory, and exit without training")
 _LIST = flags.DEFINE_bool("list_rewards", False, "print the registered rewards, metrics, PSM backbones and model "
                           "families, and exit")
+_RESUME_ANYWAY = flags.DEFINE_bool("resume_anyway", False, "resume a workdir whose config.json differs from this "
+                                   "config in keys that change training (recorded in WORKDIR/resumes.jsonl)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed.initialize() from the "
                                  "VIPO_COORDINATOR / VIPO_NUM_PROCESSES / VIPO_PROCESS_ID variables or auto-detection")
 
@@ -70,10 +74,10 @@ def main(argv: list[str]) -> None:
         from vipo_jax.utils.compile_cache import enable_compilation_cache
 
         enable_compilation_cache()
-        summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value, compile_only=_COMPILE_ONLY.value)
-    except VipoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = train(_CONFIG.value, workdir, progress=not _NO_PROGRESS.value, compile_only=_COMPILE_ONLY.value,
+                        resume_anyway=_RESUME_ANYWAY.value)
+    except (VipoError, OSError) as e:
+        fail(e)
     summary.pop("state", None)
     import jax
 
@@ -87,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_CONFIG))

@@ -2,6 +2,12 @@
 SIGTERM handling and the non-finite guard. Model-specific wiring lives in a ``World``
 (``vipo_jax.worlds``), so the same loop runs Flux and Wan, toy and real.
 
+The run directory (``training.run_dir``): nothing is written into ``workdir`` before the config is
+checked, the world built and the workdir's own run (if any) found to be trained with the same config
+(or ``resume_anyway``); ``config.json`` is written once per run. A state with a non-finite value is
+never checkpointed; on resume ``metrics.jsonl`` is cut back to the restored step, and an unreadable
+latest checkpoint falls back to the newest intact one.
+
 LoRA and EMA (``config.lora``, ``config.train.ema_decay``; ``training.lora``, ``training.ema``): with
 LoRA the train state's ``params`` are the adapters only and the base weights join the frozen tree;
 with EMA the state also holds ``ema``. The step is compiled ahead of time (``lower().compile()``) before the
@@ -35,8 +41,9 @@ from vipo_jax.training.checkpoint import RunCheckpointer
 from vipo_jax.training.checks import check_config
 from vipo_jax.training.ema import as_params_dtype, ema_decay, init_ema
 from vipo_jax.training.lora import lora_config
-from vipo_jax.training.metrics_log import MetricsWriter, read_metrics
+from vipo_jax.training.metrics_log import MetricsWriter, read_metrics, truncate_metrics
 from vipo_jax.training.optim import make_optimizer
+from vipo_jax.training.run_dir import check_resume, check_workdir, checkpoint_steps, record_resume, write_config
 from vipo_jax.training.step import jit_train_step, make_sampler, train_step_for
 from vipo_jax.training.step_config import StepConfig
 from vipo_jax.training.throughput import phase_report, profile_phases
@@ -107,7 +114,7 @@ class _Stop:
 
 
 def train(c: mlc.ConfigDict, workdir: str | Path, world: World | None = None, *, progress: bool = True,
-          mesh: jax.sharding.Mesh | None = None, compile_only: bool = False) -> dict:
+          mesh: jax.sharding.Mesh | None = None, compile_only: bool = False, resume_anyway: bool = False) -> dict:
     """Run (or resume) training in ``workdir``; returns a summary dict (also written to summary.json).
 
     The mesh comes from ``c.mesh`` unless ``mesh`` is given, the sharding rules from
@@ -115,12 +122,20 @@ def train(c: mlc.ConfigDict, workdir: str | Path, world: World | None = None, *,
     models: the loop places a copy of it (the caller's world is not changed, so tests reuse one).
 
     ``compile_only``: build the world and the state, compile the train step, report its compile time
-    and per-device memory, and return that (nothing is written to ``workdir``, no step runs)."""
+    and per-device memory, and return that (nothing is written to ``workdir``, no step runs).
+
+    A ``workdir`` holding a checkpoint of a run whose ``config.json`` differs from ``c`` in a key
+    that changes training (``run_dir.RESUMABLE_KEYS`` may differ) is refused (WorkdirError, the keys
+    listed) unless ``resume_anyway``, which records the resume in ``resumes.jsonl``."""
     step_cfg = check_config(c, files=True)
+    workdir, diffs = Path(workdir), []
+    if not compile_only:  # before anything is built: a bad workdir or another run's workdir fails at once
+        check_workdir(workdir)
+        diffs = check_resume(workdir, c, resume_anyway=resume_anyway)
     mesh = mesh or shd.make_mesh(c.get("mesh"))
     rules = shd.rules_from_config(c)
     with shd.activate(mesh, rules):
-        return _train(c, step_cfg, Path(workdir), world, progress, mesh, rules, compile_only)
+        return _train(c, step_cfg, workdir, world, progress, mesh, rules, compile_only, diffs)
 
 
 GiB = 1024**3
@@ -198,11 +213,9 @@ def _num(tree: Any) -> int:
 
 
 def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World | None, progress: bool,
-           mesh: jax.sharding.Mesh, rules: shd.Rules, compile_only: bool = False) -> dict:
+           mesh: jax.sharding.Mesh, rules: shd.Rules, compile_only: bool = False,
+           diffs: list[tuple] | None = None) -> dict:
     main = shd.is_main_process()
-    if main and not compile_only:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
     world = world or build_world(c, sharding=shd.LogicalSharding(rules, mesh))
     optimizer = make_optimizer(c)
     lora, decay = lora_config(c), ema_decay(c)
@@ -234,14 +247,28 @@ def _train(c: mlc.ConfigDict, step_cfg: StepConfig, workdir: Path, world: World 
     if compile_only:
         return compile_for(next_batch())[1]
 
+    # Everything is checked and built: the first write into the workdir. config.json once per run:
+    # a workdir with a checkpoint keeps the one its steps were trained with.
+    if main and (not checkpoint_steps(workdir) or not (workdir / "config.json").is_file()):
+        write_config(workdir, c)
     ckpt = RunCheckpointer(workdir, keep=c.log.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
+        state, meta, restored, unreadable = ckpt.restore_latest(state)
         loader.restore(meta["loader"])
         start = int(meta["iteration"])
         if main:
+            for bad, why in unreadable:
+                print(f"checkpoint step {bad} in {ckpt.dir} is unreadable ({why}); moved to "
+                      f"{workdir / 'checkpoints_corrupt'}; resuming from the previous one, step {restored}", flush=True)
             print(f"resumed from {ckpt.dir} at iteration {start}")
+            if diffs:
+                record_resume(workdir, start, diffs)
+                print(f"--resume_anyway: {len(diffs)} differing config key(s) recorded in {workdir / 'resumes.jsonl'}")
+    if main:  # iterations redone after a crash between their metrics line and their checkpoint: no duplicates
+        dropped = truncate_metrics(workdir / "metrics.jsonl", start)
+        if dropped and start:
+            print(f"metrics.jsonl: dropped {dropped} line(s) after iteration {start}, the restored checkpoint")
 
     summary: dict = {}
     step_fn, pending, profile = None, None, None
