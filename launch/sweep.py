@@ -92,8 +92,24 @@ def _load_module(path: str, what: str):
     name = "_vipo_sweep_" + re.sub(r"\W", "_", str(p))
     spec = importlib.util.spec_from_file_location(name, p)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # a syntax error or a failing import in the user's file: name it, no traceback
+        raise SweepError(f"{what} file {path}: {type(e).__name__}: {_line(e)}") from e
     return mod
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:400]
+
+
+def _call(path: str, fn: Callable, rest: list[str], what: str) -> Any:
+    """``fn(*rest)`` (a file's get_config / get_sweep); what it raises, e.g. an unknown ``:arg``, as a SweepError."""
+    try:
+        return fn(*rest)
+    except Exception as e:
+        arg = f":{rest[0]}" if rest else ""
+        raise SweepError(f"{what} {path}{arg}: {type(e).__name__}: {_line(e)}") from e
 
 
 def load_config(arg: str) -> mlc.ConfigDict:
@@ -102,7 +118,7 @@ def load_config(arg: str) -> mlc.ConfigDict:
     mod = _load_module(path, "config")
     if not hasattr(mod, "get_config"):
         raise SweepError(f"config file {path} has no get_config()")
-    return mod.get_config(*rest)
+    return _call(path, mod.get_config, rest, "config file")
 
 
 def load_sweep(arg: str) -> dict:
@@ -111,7 +127,7 @@ def load_sweep(arg: str) -> dict:
     mod = _load_module(path, "sweep")
     if not hasattr(mod, "get_sweep"):
         raise SweepError(f"sweep file {path} has no get_sweep(arg=None)")
-    spec = mod.get_sweep(*rest)
+    spec = _call(path, mod.get_sweep, rest, "sweep file")
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: get_sweep() must return a dict, got {type(spec).__name__}")
     unknown = set(spec) - SPEC_KEYS
@@ -444,10 +460,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     try:
+        try:
+            backend_args = shlex.split(args.backend_args)
+        except ValueError as e:
+            raise SweepError(f"--backend_args={args.backend_args!r}: {e} (quote it as a shell would)") from e
+        if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+            raise SweepError(f"--workdir={args.workdir} is a file, not a folder")
         points = run_sweep(args.sweep, args.workdir, backend=args.backend, only=args.only, dry_run=args.dry_run,
-                           backend_args=shlex.split(args.backend_args))
+                           backend_args=backend_args)
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the sweep folder read-only or full
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror or e}; use a writable --workdir with free space",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sweep interrupted; re-run the same command to resume", file=sys.stderr)

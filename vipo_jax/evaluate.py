@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -34,6 +33,7 @@ from vipo_jax.errors import VipoError
 from vipo_jax.evaluation import evaluate, expand_checkpoint
 from vipo_jax.evaluation.report import comparison_rows, group_rows
 from vipo_jax.toy.digits import prompt_set
+from vipo_jax.utils.cli import fail, flags_parser
 from vipo_jax.utils.compile_cache import enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] of the evaluated runs",
@@ -81,9 +81,8 @@ def main(argv: list[str]) -> None:
             specs = [dataclasses.replace(s, ema=True) if s.path else s for s in specs]
         results = evaluate(c, specs, prompts, seeds, _OUT.value, batch_size=_BATCH.value,
                            grid_prompts=_GRID.value, progress=not _NO_PROGRESS.value)
-    except (VipoError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (VipoError, ValueError, OSError) as e:
+        fail(e)
     for header, rows in (comparison_rows(results), group_rows(results)):
         if rows:
             print(" | ".join(header))
@@ -93,4 +92,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_CONFIG))

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from vipo_jax.errors import CheckpointError, ConfigError
+from vipo_jax.utils.cli import one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +93,20 @@ def restore_params(spec: CheckpointSpec, abstract_params: Any, key: str = "param
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         except Exception as e:  # orbax raises many kinds; name the folder and the likely cause
             hint = " (and with train.ema_decay > 0, for its EMA)" if key == "ema" else ""
-            raise CheckpointError(f"cannot read the policy {key} of {folder} step {step}: {e}. Was the run "
-                                  f"trained with the same --config (model size, LoRA settings){hint}?") from e
+            raise CheckpointError(f"cannot read the policy {key} of {folder} step {step}: {one_line(e, 240)}. Was the "
+                                  f"run trained with the same --config (model size, LoRA settings){hint}?") from e
     finally:
         manager.close()
     got = out["state"][key]
+    # partial_restore hands back the requested placeholders for paths the checkpoint lacks (e.g. LoRA
+    # adapters asked of a full fine-tune whose config.json was edited to say LoRA)
+    absent = [jax.tree_util.keystr(k) for k, a in jax.tree_util.tree_leaves_with_path(got)
+              if isinstance(a, jax.ShapeDtypeStruct)]
+    if absent:
+        raise CheckpointError(f"the {key} of {folder} step {step} hold no {absent[0]} (and {len(absent) - 1} more "
+                              "arrays this model needs): the checkpoint was written by a run with other settings than "
+                              f"{Path(spec.path) / 'config.json'} says (LoRA rank, model size): restore the run's "
+                              "own config.json")
     mismatch = [f"{jax.tree_util.keystr(k)}: {np.shape(a)} vs {ref.shape}"
                 for (k, a), ref in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(abstract_params))
                 if np.shape(a) != tuple(ref.shape)]

@@ -13,10 +13,20 @@ import sys
 
 
 def _early_devices(argv: list[str]) -> None:
-    """XLA reads the simulated device count at start-up: set it before jax is imported."""
-    for a in argv:
+    """XLA reads the simulated device count at start-up: set it before jax is imported. A value that
+    is not a count >= 0 is a one-line error (exit 2)."""
+    for i, a in enumerate(argv):
+        if a == "--devices" and i + 1 < len(argv):
+            a = f"--devices={argv[i + 1]}"
         if a.startswith("--devices="):
-            n = int(a.split("=", 1)[1])
+            text = a.split("=", 1)[1]
+            if not text.strip().isdigit():
+                print(f"error: --devices={text!r} must be a whole number of simulated CPU devices >= 0 (0: no "
+                      "simulation), e.g. --devices=8", file=sys.stderr)
+                sys.exit(2)
+            n = int(text)
+            if n == 0:
+                continue
             flags = os.environ.get("XLA_FLAGS", "")
             if "xla_force_host_platform_device_count" not in flags:
                 os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
@@ -56,7 +66,8 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flux.py")
     from vipo_jax.errors import VipoError
-    from vipo_jax.plan.planner import flops_check_line, plan, table
+    from vipo_jax.plan.planner import flops_check_line, phases_line, plan, table
+    from vipo_jax.utils.cli import fail
     from vipo_jax.utils.devices import device
 
     c = _CONFIG.value
@@ -65,11 +76,11 @@ def main(argv: list[str]) -> None:
             mesh = parse_mesh(_MESH.value)
             c.mesh = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, **mesh}
         r = plan(c, device(_DEVICE.value), mfu=_MFU.value, check_flops=not _NO_CHECK.value)
-    except VipoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (VipoError, OSError) as e:
+        fail(e)
     text = table([r])
     print(text)
+    print(phases_line(r))
     print(f"compiled in {r['compile_s']:.0f} s; {flops_check_line(r)}")
     if _OUT.value:
         with open(_OUT.value, "a") as f:
@@ -77,4 +88,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from vipo_jax.utils.cli import flags_parser
+
+    app.run(main, flags_parser=flags_parser(_CONFIG))
