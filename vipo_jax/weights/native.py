@@ -40,22 +40,63 @@ def read_native_config(folder: str | os.PathLike, kind: str) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"config.json not found in {folder}")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({' '.join(str(e).split())}); restore it from the "
+                              "model's source (export or download it again)") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; restore it from the model's source")
     found = cfg.pop("vipo_kind", None)
     if found != kind:
         raise CheckpointError(f"{folder} holds a {found!r} checkpoint, expected {kind!r}")
     return {k: _tuples(v) for k, v in cfg.items()}
 
 
+def _type_ok(annotation: str, v: Any) -> bool:
+    """Whether ``v`` (a JSON value) fits a dataclass field's annotation (a string under postponed
+    annotations); annotations other than int / float / bool / str / None / tuple / list pass."""
+    for a in (x.strip() for x in str(annotation).split("|")):
+        base = a.split("[", 1)[0]
+        if (a == "None" and v is None or base == "bool" and isinstance(v, bool)
+                or base == "int" and isinstance(v, int) and not isinstance(v, bool)
+                or base == "float" and isinstance(v, int | float) and not isinstance(v, bool)
+                or base == "str" and isinstance(v, str)
+                or base in ("tuple", "list", "Sequence") and isinstance(v, list | tuple)
+                or base not in ("None", "bool", "int", "float", "str", "tuple", "list", "Sequence")):
+            return True
+    return False
+
+
+def check_field_types(config_cls: type, raw: dict, where: str) -> None:
+    """Every field of ``raw`` (a config.json) that ``config_cls`` has holds a value of its type, so a
+    wrong-typed field fails naming the file and the field, not deep inside the model."""
+    if not dataclasses.is_dataclass(config_cls):
+        return
+    for f in dataclasses.fields(config_cls):
+        if f.name in raw and not _type_ok(f.type, raw[f.name]):
+            raise CheckpointError(f"{where}: field {f.name!r} is {raw[f.name]!r} ({type(raw[f.name]).__name__}); "
+                                  f"{config_cls.__name__} expects {f.type}. Fix the file or export the model again")
+
+
 def load_native(folder: str | os.PathLike, kind: str, config_cls: type, model_cls: type, *,
                 sharding: ShardingFn | None = None, **overrides: Any) -> nnx.Module:
     raw = read_native_config(folder, kind)
+    where = str(Path(folder) / "config.json")
+    check_field_types(config_cls, raw, where)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if hasattr(config_cls, "from_dict"):
-        cfg = config_cls.from_dict(raw, **overrides)
-    else:
+
+    def make(over: dict) -> Any:
+        if hasattr(config_cls, "from_dict"):
+            return config_cls.from_dict(raw, **over)
         names = {f.name for f in dataclasses.fields(config_cls)}
-        cfg = config_cls(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
+        return config_cls(**{k: v for k, v in {**raw, **over}.items() if k in names})
+
+    try:  # the file alone first, so that its own errors name it; the caller's overrides' errors are theirs
+        make({})
+    except (TypeError, ValueError) as e:  # ConfigError included
+        raise CheckpointError(f"{where}: not a valid {config_cls.__name__} ({' '.join(str(e).split())})") from e
+    cfg = make(overrides)
     abstract = abstract_model(model_cls, cfg)
     tensors = open_checkpoint(folder, stem="model")
     model = load_into(abstract, tensors, where=str(Path(folder) / "model.safetensors"), sharding=sharding)

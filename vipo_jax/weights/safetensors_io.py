@@ -37,6 +37,30 @@ _DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+def _check_entry(path: Path, name: str, e: object) -> None:
+    """One header entry: a known dtype, a shape of sizes >= 0 and a byte range that holds exactly that
+    many elements, so a corrupt header fails here, naming the tensor, not as a numpy error on first use."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(e, dict):
+        raise CheckpointError(f"{where}: the header entry is not an object; the file is corrupt, re-download it")
+    if "dtype" not in e or e["dtype"] not in _DTYPES:
+        got = f"dtype {e['dtype']!r} is not supported" if "dtype" in e else "has no dtype"
+        raise CheckpointError(f"{where} {got} (known: {', '.join(_DTYPES)}); the file is corrupt or not safetensors")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes >= 0; the file is corrupt")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a [start, end] byte range; the file is "
+                              "corrupt")
+    want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
+    if offsets[1] - offsets[0] != want:
+        raise CheckpointError(f"{where}: shape {shape} of {e['dtype']} needs {want} bytes but its byte range "
+                              f"{offsets} holds {offsets[1] - offsets[0]}; the file is corrupt, re-download it")
+
+
 class SafetensorsFile(Mapping[str, np.ndarray]):
     """A read-only mapping from tensor name to a memory-mapped numpy array."""
 
@@ -58,18 +82,19 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object; re-download the file")
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         self._entries = header
+        for name, e in header.items():
+            _check_entry(self.path, name, e)
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self._data_start + end > size:
             raise CheckpointError(
                 f"{self.path} is truncated: tensors need {self._data_start + end} bytes, "
                 f"the file has {size}. Re-download it."
             )
-        for name, e in header.items():
-            if e["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if end else None
 
     def __getitem__(self, name: str) -> np.ndarray:
