@@ -16,6 +16,7 @@ names and coefficients, which rewards the source can load, and the pretrained fo
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +38,9 @@ from vipo_jax.text.prompt_cache import build_cache, cache_path_for, load_cache
 from vipo_jax.toy import digits
 from vipo_jax.worlds.family import Family, get_family
 from vipo_jax.worlds.world import PromptTable, RewardFn, World
+
+log = logging.getLogger(__name__)
+_warned_ignored: set[tuple[str, str]] = set()
 
 #: config.world -> weight source
 SOURCE_OF_WORLD = {"toy": "toy", "real": "pretrained", "random": "random"}
@@ -75,6 +79,20 @@ def check_world_config(c: mlc.ConfigDict, source: str | None = None, *, evaluati
                 entry.check(RewardContext(c, source))
 
 
+def warn_ignored_options(c: mlc.ConfigDict, source: str) -> None:
+    """Say once (a logged warning) when the config sets an option this world does not read: the
+    toy and random worlds bring their own prompts, so a prompt file given to them is not used."""
+    if source not in ("toy", "random"):
+        return
+    for key in ("prompts", "eval_prompts"):
+        value = c.data.get(key, "")
+        if value and (source, key) not in _warned_ignored:
+            _warned_ignored.add((source, key))
+            own = "the toy digit captions" if source == "toy" else "random prompt embeddings"
+            log.warning("--config.data.%s=%s is ignored by the %s world, which uses %s; drop it, or train a "
+                        "real world (--config.world=real) to use it", key, value, source, own)
+
+
 def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any = None,
                 evaluation: bool = False) -> World:
     """The world of ``c.model.family`` with weights from ``source`` (default: ``c.world``'s).
@@ -85,6 +103,7 @@ def build_world(c: mlc.ConfigDict, source: str | None = None, *, sharding: Any =
     if source not in SOURCES:
         raise ConfigError(f"unknown weight source {source!r}; use one of {', '.join(SOURCES)}")
     check_world_config(c, source, evaluation=evaluation, files=True)
+    warn_ignored_options(c, source)
     family = get_family(c.model.family)
     entries = _reward_entries(c, source, evaluation)
     if source == "pretrained":
