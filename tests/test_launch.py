@@ -460,14 +460,19 @@ def test_paper_sweeps(in_repo):
     pts = sw.expand(sw.load_sweep("configs/sweeps/toy_grpo_vs_vipo.py"), "runs/x")
     assert [p.name for p in pts] == [f"{m}_seed-{s}" for m in ("grpo", "vipo") for s in range(3)]
     assert [p.overrides["psm.enabled"] for p in pts] == [False] * 3 + [True] * 3
+    assert all(p.overrides["rewards.names"] == "redness" and p.overrides["psm.smooth_sigma"] == 1.0 for p in pts)
     pts = sw.expand(sw.load_sweep("configs/sweeps/toy_ablations.py"), "runs/x")
+    # every group starts from the reference of docs/EXPERIMENTS.md (c), the toy defaults when it ran
+    reference = {"rewards.names": "redness", "rewards.coefs": "1.0", "optim.lr": 5e-5, "psm.smooth_sigma": 1.0}
     base = sw.load_config("configs/flux.py:toy")
     changed = {}
     for p in pts:
-        diff = {k: v for k, v in p.overrides.items() if k not in ("seed", "train.iterations", "log.eval_every")}
+        assert all(p.overrides.get(k, v) == v for k, v in reference.items() if k != "psm.smooth_sigma"), p
+        diff = {k: v for k, v in p.overrides.items()
+                if k not in ("seed", "train.iterations", "log.eval_every") and reference.get(k, object()) != v}
         assert len(diff) <= 1, p  # one factor at a time
         for k, v in diff.items():
-            assert v != sw.check_key(base, k, "t"), p  # never the default again
+            assert v != reference.get(k, sw.check_key(base, k, "t")), p  # never the reference again
             changed.setdefault(k, set()).add(v)
     assert changed == {"psm.aggregation": {"uniform", "average"}, "train.map_target": {"reward"},
                        "psm.num_components": {1, 2, 4, 5}, "psm.smooth_sigma": {0.0, 0.5, 2.0},

@@ -68,8 +68,8 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, world):
 
     import jax.numpy as jnp
 
-    bad = dataclasses.replace(world, rewards={**world.rewards,
-                                              "redness": lambda f, im, b: jnp.full(im.shape[:1], jnp.nan)})
+    bad = dataclasses.replace(world, rewards={**world.rewards,  # the trained reward turns NaN
+                                              world.main_reward: lambda f, im, b: jnp.full(im.shape[:1], jnp.nan)})
     c = small_config(10, **{"train.max_nonfinite": 2})
     with pytest.raises(NonFiniteError, match="2 consecutive updates"):
         train(c, tmp_path / "nan", world=bad, progress=False)

@@ -1,12 +1,13 @@
 """The paper's ablations in the toy world, one factor at a time around the default ViPO run.
 
-Every run: configs/flux.py:toy at its default lr 5e-5 for 50 iterations (halfway to the all-red
-image the default reaches at 100, so differences in how fast the reward rises and what it costs the
-digit still show), no periodic evaluation. Seeds 0, 1, 2 for every group; ``:budget`` keeps 3 seeds
-for the default group and seed 0 for the others (16 runs instead of 42; 81 minutes on 2 cores
-while another sweep shared them).
+Every run: configs/flux.py:toy with the reference of docs/EXPERIMENTS.md (c) — the global redness
+reward at lr 5e-5, smoothing sigma 1 (the toy defaults when it ran, ``REFERENCE``) — for 50
+iterations (halfway to the all-red image that setting reaches at 100, so differences in how fast
+the reward rises and what it costs the digit still show), no periodic evaluation. Seeds 0, 1, 2
+for every group; ``:budget`` keeps 3 seeds for the default group and seed 0 for the others (16 runs
+instead of 42; 81 minutes on 2 cores while another sweep shared them).
 
-Each group changes one setting from the default (configs/flux.py:toy) and keeps the rest:
+Each group changes one setting from that reference and keeps the rest:
   map_ones        the map is all ones (psm.aggregation=uniform): ViPO's update with GRPO's advantage
   map_on_reward   the map scales the reward instead of the advantage (train.map_target=reward)
   aggregation     principal components averaged instead of variance-weighted
@@ -31,6 +32,10 @@ Results: docs/EXPERIMENTS.md (c).
 from __future__ import annotations
 
 SEEDS = [0, 1, 2]
+#: The settings every group starts from (the toy defaults when (c) ran; the toy default now trains
+#: subject_redness at 2e-5 with sigma 0.5). Smoothing is set per group, as one factor varies it.
+REFERENCE = {"config.rewards.names": "redness", "config.rewards.coefs": "1.0", "config.optim.lr": 5e-5}
+REFERENCE_SIGMA = 1.0
 
 # key -> the values other than the default, each a group of its own.
 FACTORS: dict[str, list] = {
@@ -56,9 +61,11 @@ def get_sweep(arg: str | None = None) -> dict:
         short = key.rsplit(".", 1)[-1]
         for v in values:
             grids[f"{short}-{v:g}" if isinstance(v, float) else f"{short}-{v}"] = {key: [v], "config.seed": seeds}
+    for axes in grids.values():
+        axes.setdefault("config.psm.smooth_sigma", [REFERENCE_SIGMA])
     return {
         "config": "configs/flux.py:toy",
         "grids": grids,
         "name": "{label}_seed-{seed}",
-        "fixed": {"config.train.iterations": 10 if arg == "quick" else 50, "config.log.eval_every": 0},
+        "fixed": {**REFERENCE, "config.train.iterations": 10 if arg == "quick" else 50, "config.log.eval_every": 0},
     }

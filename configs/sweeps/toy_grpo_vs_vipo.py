@@ -33,6 +33,8 @@ def get_sweep(arg: str | None = None) -> dict:
             "vipo": {"config.psm.enabled": [True], "config.seed": seeds},
         },
         "name": "{label}_seed-{seed}",
-        "fixed": {"config.optim.lr": 2e-5, **({"config.train.iterations": 10, "config.log.eval_every": 0}
-                                              if arg == "quick" else {})},
+        # the settings of docs/EXPERIMENTS.md (a): the global redness, sigma 1 (the toy defaults then)
+        "fixed": {"config.optim.lr": 2e-5, "config.rewards.names": "redness", "config.rewards.coefs": "1.0",
+                  "config.psm.smooth_sigma": 1.0, "config.log.num_eval_prompts": 8,
+                  **({"config.train.iterations": 10, "config.log.eval_every": 0} if arg == "quick" else {})},
     }
