@@ -116,6 +116,12 @@ def test_embedded_default_run(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     s = json.loads((tmp_path / "toy" / "summary.json").read_text())
     assert s["reward/subject_redness/last10pct"] > s["reward/subject_redness/first10pct"] + 0.05, s
+    # the first and final evaluation (digit accuracy: does the subject survive?), printed at the end
+    assert s["eval/first_step"] == 0 and s["eval/final_step"] == 100
+    for k in ("subject_redness", "digit_accuracy", "digit_accuracy_eval"):
+        assert 0 <= s[f"eval/{k}/first"] <= 1 and 0 <= s[f"eval/{k}/final"] <= 1, k
+    line = next(x for x in out.stdout.splitlines() if x.startswith("result: "))
+    assert "subject_redness" in line and "digit_accuracy" in line and "first -> last 10%" in line, line
     # every phase timed once, with its FLOPs and MFU; the step's MFU per iteration too
     for p in ("rollout", "decode", "rewards", "psm", "update"):
         assert s[f"phase/{p}_s"] > 0 and s[f"phase/{p}_tflop"] > 0 and 0 < s[f"phase/{p}_mfu"] < 1.5, (p, s)

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
             from vipo_jax.sharding import initialize_distributed
 
             initialize_distributed()
-        from vipo_jax.training.run import train
+        from vipo_jax.training.run import result_line, train
         from vipo_jax.utils.compile_cache import enable_compilation_cache
 
         enable_compilation_cache()
@@ -87,6 +87,8 @@ def main(argv: list[str]) -> None:
         print("compile only:", {k: round(v, 4) for k, v in summary.items()})
         return
     print("summary:", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary.items()})
+    if line := result_line(summary):
+        print(f"result: {line}")
     print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, samples/, reward_curve.png, checkpoints/")
 
 

@@ -403,4 +403,32 @@ def _summarise(records: list[dict], keys: list[str]) -> dict:
             vals = [r[k] for r in train_recs if r.get(k) is not None]
             out[f"{k}/first10pct"] = float(np.mean(vals[:m]))
             out[f"{k}/last10pct"] = float(np.mean(vals[-m:]))
+    # the first and the final evaluation of the fixed prompts (half of them held out in the toy world)
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if evals:
+        out["eval/first_step"], out["eval/final_step"] = int(evals[0]["step"]), int(evals[-1]["step"])
+        for k, v in evals[-1].items():
+            if k.startswith("eval/") and isinstance(v, int | float):
+                if isinstance(evals[0].get(k), int | float):
+                    out[f"{k}/first"] = float(evals[0][k])
+                out[f"{k}/final"] = float(v)
     return out
+
+
+#: Evaluation metrics the end-of-run line shows besides the trained rewards: does the subject survive?
+SURVIVAL_METRICS = ("digit_accuracy", "digit_accuracy_eval", "color_match")
+
+
+def result_line(summary: dict) -> str:
+    """The run's result in one line: each trained reward's first -> last 10% of iterations, and the
+    first -> final evaluation of the trained rewards and of what says whether the subject survives."""
+    trained = [k[len("reward/"):-len("/first10pct")] for k in summary
+               if k.startswith("reward/") and k.endswith("/first10pct")]
+    parts = [f"{n} {summary[f'reward/{n}/first10pct']:.3f} -> {summary[f'reward/{n}/last10pct']:.3f} "
+             "(training batches, first -> last 10%)" for n in trained]
+    shown = [n for n in (*trained, *SURVIVAL_METRICS) if f"eval/{n}/final" in summary and f"eval/{n}/first" in summary]
+    if shown:
+        steps = f"iteration {summary['eval/first_step']} -> {summary['eval/final_step']}"
+        parts.append(f"evaluation prompts ({steps}): " + ", ".join(
+            f"{n} {summary[f'eval/{n}/first']:.3f} -> {summary[f'eval/{n}/final']:.3f}" for n in shown))
+    return "; ".join(parts)
