@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections as mlc
 
 from vipo_jax.errors import CheckpointError, VipoError, WorkdirError
-from vipo_jax.utils.cli import one_line, os_error_reason
+from vipo_jax.utils.cli import os_error_reason, read_json_object
 
 #: Keys that may differ between a workdir's config.json and the config resuming it: how long the run
 #: goes (train.iterations, extending a run), when it gives up on non-finite updates, what it logs,
@@ -36,14 +36,7 @@ def run_config(workdir: str | Path) -> mlc.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{workdir}: no config.json (is it a vipo_jax run workdir?)")
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({one_line(e, 200)}); restore it from the run's log "
-                              "or start a new --workdir") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; restore it or start a new --workdir")
-    return mlc.ConfigDict(d)
+    return mlc.ConfigDict(read_json_object(path, "restore it from the run's log or start a new --workdir"))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ errors are tracebacks); ``main`` wraps its body in ``except (VipoError, OSError)
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import sys
@@ -27,6 +28,20 @@ def one_line(e: BaseException | str, limit: int = _MAX) -> str:
     text = " ".join(str(e).split())
     text = text.split(" See full TensorStore details", 1)[0]  # the rest is a dump of the store's spec
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_json_object(path: Path, remedy: str) -> dict:
+    """The JSON object in ``path``, or a ``CheckpointError`` saying the file is not one and ``remedy``
+    (what the user should do: restore it from where it came from)."""
+    from vipo_jax.errors import CheckpointError
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({one_line(e, 200)}); {remedy}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; {remedy}")
+    return d
 
 
 def os_error_reason(e: OSError) -> str:

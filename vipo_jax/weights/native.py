@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vipo_jax.errors import CheckpointError
+from vipo_jax.utils.cli import read_json_object
 from vipo_jax.weights.loading import ShardingFn, abstract_model, load_into
 from vipo_jax.weights.safetensors_io import open_checkpoint, save_safetensors
 
@@ -40,13 +41,7 @@ def read_native_config(folder: str | os.PathLike, kind: str) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"config.json not found in {folder}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({' '.join(str(e).split())}); restore it from the "
-                              "model's source (export or download it again)") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; restore it from the model's source")
+    cfg = read_json_object(path, "restore it from the model's source (export or download it again)")
     found = cfg.pop("vipo_kind", None)
     if found != kind:
         raise CheckpointError(f"{folder} holds a {found!r} checkpoint, expected {kind!r}")
