@@ -47,6 +47,7 @@ from vipo_jax.training.run_dir import check_resume, check_workdir, checkpoint_st
 from vipo_jax.training.step import jit_train_step, make_sampler, train_step_for
 from vipo_jax.training.step_config import StepConfig
 from vipo_jax.training.throughput import phase_report, profile_phases
+from vipo_jax.utils.malloc import limit_malloc_arenas
 from vipo_jax.utils.media import heat_overlay, plot_curves, save_samples
 from vipo_jax.worlds import BASE_KEY, World, build_world
 
@@ -127,6 +128,7 @@ def train(c: mlc.ConfigDict, workdir: str | Path, world: World | None = None, *,
     A ``workdir`` holding a checkpoint of a run whose ``config.json`` differs from ``c`` in a key
     that changes training (``run_dir.RESUMABLE_KEYS`` may differ) is refused (WorkdirError, the keys
     listed) unless ``resume_anyway``, which records the resume in ``resumes.jsonl``."""
+    limit_malloc_arenas()  # before the world and checkpointer start threads: saves ratchet RSS (utils/malloc.py)
     step_cfg = check_config(c, files=True)
     workdir, diffs = Path(workdir), []
     if not compile_only:  # before anything is built: a bad workdir or another run's workdir fails at once
