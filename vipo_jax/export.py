@@ -17,20 +17,20 @@ their EMA, and writes ``OUT/export.json`` (format, dtype, step, LoRA, EMA) and t
   the Black Forest Labs single file (ComfyUI, the BFL code).
 
 Any of them loads back with ``vipo_jax.evaluation.export.load_exported(OUT)``. ``--model_path``
-points at the base model when it moved since training. Errors print one ``error: ...`` line and
-exit with status 2.
+points at the base model when it moved since training. Errors (a bad flag, a missing run, a layout
+the model has no form in, an unwritable ``--out``) print one ``error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging
 
 from vipo_jax.errors import VipoError
+from vipo_jax.utils.cli import fail, flags_parser
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (config.json, checkpoints/)")
 _OUT = flags.DEFINE_string("out", None, "output folder")
@@ -45,16 +45,15 @@ _DTYPE = flags.DEFINE_string("dtype", None, "float32 | bfloat16 | float16 (defau
 def main(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value or not _OUT.value:
-        raise app.UsageError("--workdir and --out are required, e.g. --workdir=runs/toy_lora --out=runs/merged")
+        fail("--workdir and --out are required, e.g. --workdir=runs/toy_lora --out=runs/merged")
     logging.set_verbosity(logging.WARNING)
     from vipo_jax.evaluation.export import export_policy
 
     try:
         rec = export_policy(_WORKDIR.value, _OUT.value, step=_STEP.value, use_ema=_USE_EMA.value,
                             model_path=_MODEL_PATH.value or None, fmt=_FORMAT.value, dtype=_DTYPE.value)
-    except VipoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (VipoError, OSError) as e:
+        fail(e)
     what = f"LoRA rank {rec['lora']['rank']} merged" if rec["lora"] else "full fine-tune"
     print(f"exported {rec['weights']} of {rec['workdir']} step {rec['step']} ({what}) as {rec['format']} "
           f"{rec['dtype']} to {rec['transformer']}")
@@ -65,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser())
