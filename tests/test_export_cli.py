@@ -197,3 +197,27 @@ def test_cli_refuses_bfl_for_wan(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --format=bfl is for flux models only"), r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_wan_diffusers_export_loads_back(tmp_path):
+    """The video toy world's Wan DiT (a full fine-tune written as a checkpoint): float32 exactly;
+    bfloat16 except the modules diffusers keeps in float32."""
+    c = wan.get_config("toy")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(c.to_json_best_effort(indent=1))
+    policy, _ = load_policy(c)
+    moved = jax.tree.map(lambda p: p * 0.5, nnx.state(policy))
+    ck = RunCheckpointer(tmp_path / "run")
+    ck.save(STEP, init_state(moved, make_optimizer(c), 0), {"iteration": STEP})
+    ck.close()
+    want = _flat(moved)
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        rec = export_policy(tmp_path / "run", out, fmt="diffusers", dtype=dtype)
+        assert (rec["class_name"], rec["lora"], rec["step"]) == ("WanTransformer3DModel", None, STEP)
+        back = _flat(nnx.state(load_exported(out, param_dtype="float32")))
+        assert sorted(back) == sorted(want)
+        for k, v in want.items():
+            kept = dtype == "float32" or any(m in k for m in ("time_embedder", "scale_shift_table", "norm2"))
+            expect = v if kept else v.astype(ml_dtypes.bfloat16).astype(np.float32)
+            np.testing.assert_array_equal(back[k], expect, err_msg=str(k))
