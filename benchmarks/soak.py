@@ -90,6 +90,9 @@ def run_child(args: argparse.Namespace) -> None:
 
 #: iterations per window of the RSS-floor fit
 WINDOW = 10
+#: iterations per entry of the printed floor trajectory (TensorBoard's writer flushes every 120 s and
+#: RSS dips then: a longer window holds one dip each and shows whether the level still climbs)
+SPAN = 50
 
 
 def summarise(name: str, samples: list[list[float]], warmup: int) -> dict:
@@ -103,7 +106,21 @@ def summarise(name: str, samples: list[list[float]], warmup: int) -> dict:
             "rss_end_mb": rss[-1] if rss else None, "rss_max_mb": max(rss) if rss else None,
             "slope_mb_per_100it": 100 * slope(its, rss),
             "floor_slope_mb_per_100it": 100 * slope([x for x, _ in lows], [y for _, y in lows]),
+            "floors_mb": [min(rss[i:i + SPAN]) for i in range(0, len(rss) - SPAN + 1, SPAN)],
             "seconds": samples[-1][2] if samples else None}
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of :func:`summarise`'s rows."""
+    lines = ["| config | RSS after warm-up (MB) | RSS at end (MB) | max (MB) | slope (MB / 100 it) "
+             f"| floor slope (MB / 100 it, min of {WINDOW}) | floor of each {SPAN} it (MB) | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floors = " → ".join(f"{f:.0f}" for f in r["floors_mb"])
+        lines.append(f"| {r['config']} | {r['rss_warm_mb']:.1f} | {r['rss_end_mb']:.1f} | {r['rss_max_mb']:.1f} | "
+                     f"{r['slope_mb_per_100it']:+.2f} | {r['floor_slope_mb_per_100it']:+.2f} | {floors} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -143,12 +160,7 @@ def main() -> None:
             print(f"{name}: done in {rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     print(f"toy soak: {args.iterations} iterations, {args.prompts} prompts x {args.group} samples, eval/ckpt every "
           f"{args.every}, slope fitted after iteration {args.warmup}\n")
-    print("| config | RSS after warm-up (MB) | RSS at end (MB) | max (MB) | slope (MB / 100 it) "
-          f"| floor slope (MB / 100 it, min of {WINDOW}) | time (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['rss_warm_mb']:.1f} | {r['rss_end_mb']:.1f} | {r['rss_max_mb']:.1f} | "
-              f"{r['slope_mb_per_100it']:+.2f} | {r['floor_slope_mb_per_100it']:+.2f} | {r['seconds']:.0f} |")
+    print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "samples": raw}, indent=1))
 

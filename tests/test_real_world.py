@@ -172,7 +172,8 @@ def test_image_reward_is_scored_by_evaluation(assets, torch, tmp_path):
     c = tiny_config(assets, _prompts_file(tmp_path / "data", PROMPTS[:2]), 1)
     c.rewards.image_reward = str(tmp_path / "ir" / "converted")
     world = build_world(c, evaluation=True)
-    assert list(world.metrics) == ["pickscore", "image_reward"] and not world.has_backbone
+    # the backbone loads too: evaluate writes the PSM maps of its samples
+    assert list(world.metrics) == ["pickscore", "image_reward"] and world.has_backbone
     images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
     got = world.eval_metrics(images)
     want = ImageRewardScorer.from_folder(c.rewards.image_reward).score(images, list(world.eval_prompts.prompts))
