@@ -40,7 +40,7 @@ def subprocess_env(devices: int) -> dict:
     collective (or in LAPACK's batched SVD waiting for its own sub-tasks) can take all its threads
     and deadlock. A larger pool avoids that; real accelerators have no such pool."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PJRT_NPROC": "64",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()}
 
 
 # --- rules -----------------------------------------------------------------------------------------

@@ -169,7 +169,9 @@ def test_placement_into_shardings_on_several_devices(tmp_path):
         assert m.b.kernel[...].sharding.spec == P()
         print("ok", k.addressable_shards[0].data.shape)
     """)
-    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    os_env = __import__("os").environ
+    env = {**os_env, "XLA_FLAGS": f"{os_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
