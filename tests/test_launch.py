@@ -490,6 +490,15 @@ def test_paper_sweeps(in_repo):
     assert all(p.config.log.eval_every == 0 for p in pts)
     assert [p.name for p in pts] == [f"{m}_seed-{s}" for m in ("grpo", "vipo") for s in range(3)]
     assert all(p.config.rewards.names == "toy_clip" for p in pts)
+    # (d) and (e) pin what they ran with
+    pts = sw.expand(sw.load_sweep("configs/sweeps/toy_region_rewards.py"), "runs/x")
+    assert len(pts) == 17 * 3 and all(p.config.psm.smooth_sigma == 0.5 and p.config.optim.lr == 3e-5 for p in pts)
+    assert {p.config.rewards.names for p in pts} == {"subject_redness", "background_redness", "digit_logprob",
+                                                     "redness"}
+    pts = sw.expand(sw.load_sweep("configs/sweeps/toy_windowed.py"), "runs/x")
+    assert len(pts) == 12 and all(p.config.rewards.names == "subject_redness" and p.config.optim.lr == 2e-5
+                                  and p.config.psm.smooth_sigma == 0.5 for p in pts)
+    assert sorted({p.config.sampling.sde_window for p in pts}) == [0, 2]
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections

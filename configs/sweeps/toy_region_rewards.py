@@ -67,6 +67,7 @@ def get_sweep(arg: str | None = None) -> dict:
         "config": "configs/flux.py:toy",
         "grids": grids,
         "name": "{label}_seed-{seed}",
+        # the settings docs/EXPERIMENTS.md (d) ran with, pinned against later changes of the toy default
         "fixed": {"config.train.iterations": iters, "config.optim.lr": 3e-5, "config.log.eval_every": iters,
-                  "config.log.ckpt_every": iters},
+                  "config.log.ckpt_every": iters, "config.psm.smooth_sigma": 0.5, "config.log.num_eval_prompts": 8},
     }

@@ -39,5 +39,8 @@ def get_sweep(arg: str | None = None) -> dict:
         "config": "configs/flux.py:toy",
         "grids": grids,
         "name": "{label}_seed-{seed}",
-        "fixed": {"config.train.iterations": iters, "config.log.eval_every": iters, "config.log.ckpt_every": iters},
+        # the toy default docs/EXPERIMENTS.md (e) ran with, pinned against later changes of it
+        "fixed": {"config.train.iterations": iters, "config.log.eval_every": iters, "config.log.ckpt_every": iters,
+                  "config.rewards.names": "subject_redness", "config.optim.lr": 2e-5, "config.psm.smooth_sigma": 0.5,
+                  "config.log.num_eval_prompts": 16},
     }
