@@ -5,16 +5,16 @@
 Both sides run the same models: a tiny random diffusers FLUX.1 pipeline folder (``FluxTransformer2DModel``,
 ``AutoencoderKL``, CLIP and T5 text encoders, the toy tokenizers) and a transformers ``Dinov2Model``
 folder, norm scales randomised, written by the reference libraries
-(``vipo_jax/testing/reference_pipelines.py``). Ours is the pretrained world of ``configs/flux.py``
+(``pytorch_reference/reference_pipelines.py``). Ours is the pretrained world of ``configs/flux.py``
 pointed at those folders (``build_world(c)`` with ``world="real"``, float32, the ``redness`` reward, the
 sizes of ``--size``): our loaders, the prompt-embedding cache of a file of toy captions, and
 ``train_step_for(world, StepConfig.from_config(c), make_optimizer(c))``. The PyTorch iteration
-(``vipo_jax/testing/torch_reference.py``: a loop over samples and sampling steps, DanceGRPO's
+(``pytorch_reference/torch_reference.py``: a loop over samples and sampling steps, DanceGRPO's
 ``flux_step``, per-sample decode / redness reward / PSM, group advantages, a separate forward +
 ``backward()`` per sample and trained timestep, one clipped AdamW step) runs the torch modules the
 writers saved, on the world's own conditioning (its cached T5 states and pooled CLIP vectors).
 
-Parity (``vipo_jax/testing/parity.py``, also ``tests/test_vs_pytorch.py`` at ``--size test``): the
+Parity (``pytorch_reference/parity.py``, also ``tests/test_vs_pytorch.py`` at ``--size test``): the
 PyTorch side is fed our initial noise, SDE noise, trajectory (each transition's log-prob is evaluated
 on our ``x_t -> x_{t+1}``, as a training pass does) and trained timesteps; everything downstream (x0,
 images, rewards, DINOv2 features, PSM maps, advantages, loss, gradients, parameters after AdamW) it
@@ -67,9 +67,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import flux  # noqa: E402
+from pytorch_reference import torch_reference as tr  # noqa: E402
+from pytorch_reference.parity import SIZES, Pair, build_pair, run_parity  # noqa: E402
 from vipo_jax import rl  # noqa: E402
-from vipo_jax.testing import torch_reference as tr  # noqa: E402
-from vipo_jax.testing.parity import SIZES, Pair, build_pair, run_parity  # noqa: E402
 from vipo_jax.training.run import init_state  # noqa: E402
 from vipo_jax.training.step import repeat_groups  # noqa: E402
 

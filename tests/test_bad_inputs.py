@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import logging
 import os
@@ -171,15 +172,11 @@ def orbax_full_disk(self, *a, **k):
         raise RuntimeError("Event loop is closed") from e
 
 
-class _FullFile:
+class _FullFile(io.StringIO):
+    """A file on a full disk: every write fails with ENOSPC (flush and close are StringIO's)."""
+
     def write(self, s: str) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def save_step_3(run: Path, state: dict) -> None:

@@ -110,3 +110,30 @@ def test_only_the_worlds_build_a_world():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "World":
                     found.append(str(path.relative_to(ROOT)))
     assert found == ["vipo_jax/worlds/build.py"], found
+
+
+def test_the_library_never_imports_torch_at_module_level():
+    """torch belongs to the tests, benchmarks and pytorch_reference/; inside vipo_jax only the one-time
+    ``.pt`` conversion imports it, inside a function (weights/torch_pickle.py)."""
+    found = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "torch"]
+    assert not found, found
+
+
+def test_training_and_evaluation_load_without_torch():
+    """Importing the train command line, the worlds, evaluation, the planner and export does not pull
+    torch in (a fresh process; one command line per process: they define the same flags)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import vipo_jax.train, vipo_jax.worlds, vipo_jax.evaluation, vipo_jax.plan.planner, "
+            "vipo_jax.models.flux.export; print(sorted(m for m in ('torch', 'diffusers', 'transformers.models') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("[]"), out.stdout

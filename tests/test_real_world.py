@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from configs import flux
+from pytorch_reference.reference_pipelines import clip_text_config, write_clip_model, write_dinov2, write_flux_pipeline
 from vipo_jax.errors import CheckpointError, DataError
-from vipo_jax.testing.reference_pipelines import clip_text_config, write_clip_model, write_dinov2, write_flux_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 

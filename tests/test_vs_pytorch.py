@@ -1,5 +1,5 @@
 """Parity of our jitted ViPO iteration with the PyTorch one organised like the reference scripts
-(vipo_jax/testing/parity.py, also run by benchmarks/vs_pytorch.py) at its smallest size: our
+(pytorch_reference/parity.py, also run by benchmarks/vs_pytorch.py) at its smallest size: our
 pretrained world built by ``build_world`` from a tiny FLUX.1 pipeline folder and a DINOv2 folder
 written by the reference libraries, against the torch modules that wrote them; same log-probs, PSM
 maps, advantages, loss and gradients from the same weights, conditioning and randomness. Timings are
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]  # two step compiles: about a
 
 
 def test_iteration_matches_pytorch(tmp_path, torch):
-    from vipo_jax.testing import parity
+    from pytorch_reference import parity
 
     pair = parity.build_pair(flux.get_config(""), "test", tmp_path)
     assert pair.world.source == "pretrained"

@@ -1,9 +1,9 @@
 """Our jitted ViPO iteration against the PyTorch one organised like the reference scripts
-(:mod:`vipo_jax.testing.torch_reference`), from the same weights and randomness. For the tests and
+(:mod:`pytorch_reference.torch_reference`), from the same weights and randomness. For the tests and
 benchmarks only (``tests/test_vs_pytorch.py``, ``benchmarks/vs_pytorch.py``).
 
 Both sides run the same models: a tiny random diffusers FLUX.1 pipeline folder and a transformers
-DINOv2 folder, written by the reference libraries (:mod:`vipo_jax.testing.reference_pipelines`, norm
+DINOv2 folder, written by the reference libraries (:mod:`pytorch_reference.reference_pipelines`, norm
 scales randomised). Ours is the pretrained world of a config naming those folders
 (``build_world(c)``: our loaders, our prompt-embedding cache, the registered ``redness`` reward, the
 DINOv2 PSM backbone) and its step (``train_step_for``, ``StepConfig.from_config``,
@@ -36,10 +36,10 @@ import optax
 import torch
 from flax import nnx
 
+from pytorch_reference import torch_reference as tr
+from pytorch_reference.reference_pipelines import perturb_norms, write_dinov2, write_flux_pipeline
 from vipo_jax import rl
 from vipo_jax.models.flux import convert_diffusers
-from vipo_jax.testing import torch_reference as tr
-from vipo_jax.testing.reference_pipelines import perturb_norms, write_dinov2, write_flux_pipeline
 from vipo_jax.toy import sizes as toy_sizes
 from vipo_jax.training.optim import make_optimizer
 from vipo_jax.training.run import init_state

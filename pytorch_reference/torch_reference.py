@@ -1,6 +1,6 @@
 """One ViPO iteration in PyTorch, organised like the reference scripts (DanceGRPO's
 ``train_grpo_flux.py`` and the official ViPO release built on it): the reference against which
-:mod:`vipo_jax.testing.parity` (``tests/test_vs_pytorch.py``, ``benchmarks/vs_pytorch.py``) checks
+:mod:`pytorch_reference.parity` (``tests/test_vs_pytorch.py``, ``benchmarks/vs_pytorch.py``) checks
 and times our jitted step. For the tests and benchmarks only.
 
 The organisation is the point, so it is kept: a Python loop over samples (batch 1) and over
